@@ -1,0 +1,13 @@
+//! nsbridge: Nightscout's APIv3 `/storage` Socket.IO channel, fed by MongoDB change streams.
+//!
+//! Data flow: [`settings`] → [`feed`] (MongoDB change stream) → [`mapping`] (pure: change
+//! event → bridge event) → [`auth`] (tokens and permissions) → [`channel`] (Socket.IO
+//! fan-out) → [`http`] (health, metrics, live page); `main` wires them.
+
+pub mod auth;
+pub mod collections;
+pub mod feed;
+pub mod json_form;
+pub mod mapping;
+pub mod settings;
+pub mod telemetry;

@@ -1,0 +1,4 @@
+//! Shared harness of the integration tests: the test MongoDB, the bridge process, clients.
+#![allow(dead_code)]
+
+pub mod store;

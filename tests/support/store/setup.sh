@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs the compatibility store (nx-27017, pinned in requirements.txt) into
+# target/test-store/venv, unless the tests have a better MongoDB: MONGODB_URI set or
+# mongod on PATH (see tests/support/store.rs). Re-installs only when the pins change.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/../../.." && pwd)
+if [ -n "${MONGODB_URI:-}" ]; then
+  echo "test store: MONGODB_URI is set; the tests use it"
+  exit 0
+fi
+if command -v mongod >/dev/null 2>&1; then
+  echo "test store: mongod on PATH; the tests start a throw-away replica set"
+  exit 0
+fi
+requirements="$repo/tests/support/store/requirements.txt"
+venv="$repo/target/test-store/venv"
+stamp="$venv/.requirements"
+if [ -x "$venv/bin/python" ] && cmp -s "$requirements" "$stamp"; then
+  echo "test store: compatibility store already installed"
+  exit 0
+fi
+python=${PYTHON:-python3}
+command -v "$python" >/dev/null 2>&1 || {
+  echo "test store: need python3 (3.11+) to install the compatibility store, or set MONGODB_URI" >&2
+  exit 1
+}
+rm -rf "$venv"
+"$python" -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check --no-deps -r "$requirements"
+cp "$requirements" "$stamp"
+echo "test store: compatibility store installed in target/test-store/venv"
