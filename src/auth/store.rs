@@ -77,7 +77,7 @@ impl AuthStore {
     }
 
     /// Follows changes until shut down: a reload after the stream opens (so nothing
-    /// between the read and the stream is missed) and after every burst of changes.
+    /// between the read and the stream is missed) and after every change.
     pub async fn run(mut self, shutdown: CancellationToken) {
         const INITIAL_DELAY: Duration = Duration::from_millis(200);
         let mut delay = INITIAL_DELAY;
@@ -107,8 +107,6 @@ impl AuthStore {
         self.reload().await?;
         while let Some(change) = stream.next().await {
             change?;
-            // Coalesce a burst of writes into one reload.
-            while stream.next_if_any().await?.is_some() {}
             self.reload().await?;
         }
         Ok(())
