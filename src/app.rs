@@ -1,18 +1,40 @@
-//! Wiring: MongoDB client, change feed, and shutdown on SIGTERM / SIGINT.
+//! Wiring: MongoDB client, auth store, change feed, channel, HTTP server, and shutdown
+//! on SIGTERM / SIGINT.
+
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mongodb::options::ClientOptions;
+use axum::middleware::from_fn_with_state;
 use mongodb::Client;
+use mongodb::options::ClientOptions;
+use nsbridge::auth::store::AuthStore;
+use nsbridge::channel::{Channel, ChannelConfig, transport};
+use nsbridge::feed::{Feed, FeedEvent};
+use nsbridge::http::{self, HttpState};
+use nsbridge::mapping::{Mapper, MappingRules};
+use nsbridge::net::{ConnectionInfo, TrackedListener};
+use nsbridge::settings::{Settings, redact_uri};
+use nsbridge::telemetry::metric;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use nsbridge::feed::Feed;
-use nsbridge::mapping::{Mapper, MappingRules};
-use nsbridge::settings::{redact_uri, Settings};
+/// Events between the change stream and the fan-out; the feed waits when it is full.
+const FEED_QUEUE: usize = 1024;
+/// Shutdown must be over by then.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let client = mongo_client(&settings).await?;
     let db = client.database(&settings.mongo.database);
+    let shutdown = CancellationToken::new();
+
+    let auth_store = AuthStore::new(
+        db.clone(),
+        &settings.auth.collections_prefix,
+        settings.auth.api_secret.clone(),
+        settings.auth.default_roles.clone(),
+    );
+    let auth = auth_store.snapshots();
     let rules = MappingRules {
         relay: settings.relay,
         replace_window_ms: settings.replace_window.as_millis() as i64,
@@ -23,29 +45,74 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Mapper::new(rules, settings.identifier_cache_size),
         settings.mongo.pre_images,
     );
-    let shutdown = CancellationToken::new();
-    let (events_tx, mut events) = mpsc::channel(1024);
-    let feed_task = tokio::spawn(feed.run(events_tx, shutdown.clone()));
+    let feed_status = feed.status();
+    let (channel, socket_layer) = Channel::new(
+        ChannelConfig {
+            trusted_proxy: settings.auth.trusted_proxy,
+            queue_size: settings.channel.queue_size,
+            throttle: settings.auth.throttle.clone(),
+            ..ChannelConfig::default()
+        },
+        auth.clone(),
+    );
+
+    let (events_tx, events) = mpsc::channel(FEED_QUEUE);
+    let tasks = [
+        tokio::spawn(auth_store.run(shutdown.clone())),
+        tokio::spawn(feed.run(events_tx, shutdown.clone())),
+        tokio::spawn(channel.clone().follow_auth(shutdown.clone())),
+        tokio::spawn(fan_out(channel.clone(), events)),
+    ];
+
+    let app = http::router(HttpState {
+        feed: feed_status,
+        auth,
+    })
+    .layer(socket_layer)
+    .layer(from_fn_with_state(channel.sessions(), transport::guard));
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let local = listener.local_addr()?;
     tracing::info!(
+        listen = %local,
         uri = %redact_uri(&settings.mongo.uri),
         database = %settings.mongo.database,
         relay = ?settings.relay,
-        "nsbridge started"
+        version = env!("CARGO_PKG_VERSION"),
+        "nsbridge listening"
     );
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    loop {
-        tokio::select! {
-            _ = &mut signal => break,
-            event = events.recv() => match event {
-                Some(event) => tracing::info!(collection = %event.collection, kind = event.kind.name(), "event"),
-                None => break,
-            },
-        }
+
+    let stopping = shutdown.clone();
+    let server_channel = channel.clone();
+    let server = axum::serve(
+        TrackedListener::new(listener),
+        app.into_make_service_with_connect_info::<ConnectionInfo>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: disconnecting clients, closing the change stream");
+        stopping.cancel();
+        server_channel.close().await;
+    });
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    let serve = tokio::spawn(async move { server.await });
+    shutdown.cancelled().await;
+    if tokio::time::timeout_at(deadline.into(), serve).await.is_err() {
+        tracing::warn!("connections still open at the shutdown deadline; closing them");
     }
-    shutdown.cancel();
-    let _ = feed_task.await;
+    for task in tasks {
+        let _ = tokio::time::timeout_at(deadline.into(), task).await;
+    }
+    tracing::info!("stopped");
     Ok(())
+}
+
+async fn fan_out(channel: Channel, mut events: mpsc::Receiver<FeedEvent>) {
+    while let Some(FeedEvent { event, received }) = events.recv().await {
+        channel.publish(&event);
+        metrics::histogram!(metric::FANOUT_DURATION).record(received.elapsed().as_secs_f64());
+    }
 }
 
 async fn mongo_client(settings: &Settings) -> anyhow::Result<Client> {
@@ -57,17 +124,11 @@ async fn mongo_client(settings: &Settings) -> anyhow::Result<Client> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -2,15 +2,15 @@
 //! turned into bridge events by [`Mapper`], resumed from the last handled event after any
 //! error or outage.
 
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bson::{doc, Document};
+use bson::{Document, doc};
 use futures::StreamExt;
-use mongodb::change_stream::event::ResumeToken;
+use mongodb::Database;
 use mongodb::change_stream::ChangeStream;
+use mongodb::change_stream::event::ResumeToken;
 use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
-use mongodb::Database;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,13 @@ const OPERATION_TYPES: [&str; 6] = ["insert", "update", "replace", "delete", "dr
 /// Server error codes after which resuming from our token can never succeed.
 const CHANGE_STREAM_FATAL: i32 = 280;
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
+
+/// A bridge event and when its change event arrived (for the bridge's own latency).
+#[derive(Debug, Clone)]
+pub struct FeedEvent {
+    pub event: BridgeEvent,
+    pub received: Instant,
+}
 
 /// Whether the change stream is delivering, for readiness.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +95,7 @@ impl Feed {
 
     /// Delivers bridge events in change-stream order until `shutdown` fires or the
     /// receiver is gone. Errors are retried forever with capped exponential backoff.
-    pub async fn run(mut self, events: mpsc::Sender<BridgeEvent>, shutdown: CancellationToken) {
+    pub async fn run(mut self, events: mpsc::Sender<FeedEvent>, shutdown: CancellationToken) {
         let mut delay = self.backoff.initial;
         loop {
             let opened = tokio::select! {
@@ -157,7 +164,7 @@ impl Feed {
     async fn drain(
         &mut self,
         mut stream: ChangeStream<Document>,
-        events: &mpsc::Sender<BridgeEvent>,
+        events: &mpsc::Sender<FeedEvent>,
         shutdown: &CancellationToken,
     ) -> StreamEnd {
         loop {
@@ -179,7 +186,11 @@ impl Feed {
             };
             match self.mapper.map(&change) {
                 Decision::Relay(event) => {
-                    if events.send(event).await.is_err() {
+                    let received = Instant::now();
+                    if let Some(wall) = event.wall_time_ms {
+                        metrics::histogram!(metric::CHANGE_STREAM_LAG).record(lag_seconds(wall));
+                    }
+                    if events.send(FeedEvent { event, received }).await.is_err() {
                         return StreamEnd::Shutdown;
                     }
                 }
@@ -236,6 +247,14 @@ enum StreamEnd {
 
 fn log_reopen(reason: ReopenReason) {
     tracing::info!(%reason, "change stream event ends the stream; reopening");
+}
+
+/// Now minus the write's wall time, in seconds (never negative: clocks differ).
+fn lag_seconds(wall_time_ms: i64) -> f64 {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    (now_ms - wall_time_ms).max(0) as f64 / 1000.0
 }
 
 fn resume_impossible(e: &MongoError) -> bool {

@@ -186,7 +186,7 @@ pub fn id_string(value: &Bson) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bson::{doc, oid::ObjectId, spec::BinarySubtype, Binary, Decimal128, Regex, Timestamp};
+    use bson::{Binary, Decimal128, Regex, Timestamp, doc, oid::ObjectId, spec::BinarySubtype};
     use serde_json::json;
 
     fn wire(doc: &Document) -> String {

@@ -5,9 +5,12 @@
 //! fan-out) → [`http`] (health, metrics, live page); `main` wires them.
 
 pub mod auth;
+pub mod channel;
 pub mod collections;
 pub mod feed;
+pub mod http;
 pub mod json_form;
 pub mod mapping;
+pub mod net;
 pub mod settings;
 pub mod telemetry;

@@ -11,7 +11,7 @@ use lru::LruCache;
 use serde::{Deserialize, Serialize};
 
 use crate::collections::{Collection, CollectionNames};
-use crate::json_form::{id_string, JsonDoc};
+use crate::json_form::{JsonDoc, id_string};
 
 /// Which writes reach clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::auth::throttle::ThrottleConfig;
 use crate::collections::CollectionNames;
 use crate::mapping::RelayMode;
 
@@ -50,7 +51,13 @@ pub struct Settings {
     pub mongo: MongoSettings,
     pub collections: CollectionNames,
     pub auth: AuthSettings,
+    pub channel: ChannelSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChannelSettings {
+    pub queue_size: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -66,6 +73,7 @@ pub struct AuthSettings {
     pub collections_prefix: String,
     pub default_roles: Vec<String>,
     pub trusted_proxy: bool,
+    pub throttle: ThrottleConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -111,7 +119,14 @@ struct RawSettings {
     mongo: RawMongo,
     collections: CollectionNames,
     auth: RawAuth,
+    channel: RawChannel,
     log: RawLog,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChannel {
+    queue_size: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +145,10 @@ struct RawAuth {
     #[serde(deserialize_with = "role_list")]
     default_roles: Vec<String>,
     trusted_proxy: bool,
+    failure_delay_ms: u64,
+    failure_window_secs: u64,
+    max_failure_delay_ms: u64,
+    max_pending_failures: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -259,7 +278,7 @@ impl Settings {
                 return Err(SettingsError::new(
                     "relay",
                     format!("unknown mode {other:?} (expected \"apiv3\" or \"all\")"),
-                ))
+                ));
             }
         };
         let identifier_cache_size = NonZeroUsize::new(raw.identifier_cache_size)
@@ -307,6 +326,15 @@ impl Settings {
             ));
         }
         for (setting, value) in [
+            ("channel.queue_size", raw.channel.queue_size),
+            ("auth.failure_window_secs", raw.auth.failure_window_secs as usize),
+            ("auth.max_pending_failures", raw.auth.max_pending_failures),
+        ] {
+            if value == 0 {
+                return Err(SettingsError::new(setting, "must be at least 1"));
+            }
+        }
+        for (setting, value) in [
             ("auth.collections_prefix", &raw.auth.collections_prefix),
             ("log.level", &raw.log.level),
         ] {
@@ -321,7 +349,7 @@ impl Settings {
                 return Err(SettingsError::new(
                     "log.format",
                     format!("unknown format {other:?} (expected \"text\" or \"json\")"),
-                ))
+                ));
             }
         };
 
@@ -341,6 +369,16 @@ impl Settings {
                 collections_prefix: raw.auth.collections_prefix.clone(),
                 default_roles: raw.auth.default_roles.clone(),
                 trusted_proxy: raw.auth.trusted_proxy,
+                throttle: ThrottleConfig {
+                    per_failure: Duration::from_millis(raw.auth.failure_delay_ms),
+                    window: Duration::from_secs(raw.auth.failure_window_secs),
+                    max_delay: Duration::from_millis(raw.auth.max_failure_delay_ms),
+                    max_pending: raw.auth.max_pending_failures,
+                    ..ThrottleConfig::default()
+                },
+            },
+            channel: ChannelSettings {
+                queue_size: raw.channel.queue_size,
             },
             log: LogSettings {
                 format,

@@ -6,11 +6,11 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mongodb::bson::{doc, oid::ObjectId, Document};
 use mongodb::Database;
+use mongodb::bson::{Document, doc, oid::ObjectId};
+use nsbridge::auth::AuthSnapshot;
 use nsbridge::auth::store::{AuthStore, SnapshotReceiver};
 use nsbridge::auth::token::{access_token, api_secret_hash, subject_digest};
-use nsbridge::auth::AuthSnapshot;
 use nsbridge::collections::Collection;
 use nsbridge::settings::ApiSecret;
 use support::store::TestStore;

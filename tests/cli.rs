@@ -118,9 +118,11 @@ fn config_file_from_flag_or_env() {
         &[("API_SECRET", SECRET), ("NSBRIDGE_CONFIG", path)],
     );
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8(out.stdout)
-        .unwrap()
-        .contains("database = \"filedb\""));
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("database = \"filedb\"")
+    );
 
     let out = nsbridge(&["--config", "/nonexistent.toml", "check-config"], &env);
     assert_eq!(out.status.code(), Some(2));

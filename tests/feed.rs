@@ -7,18 +7,18 @@ mod support;
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-use mongodb::bson::{doc, oid::ObjectId, Document};
-use mongodb::options::ReplaceOptions;
 use mongodb::Database;
+use mongodb::bson::{Document, doc, oid::ObjectId};
+use mongodb::options::ReplaceOptions;
 use nsbridge::collections::CollectionNames;
-use nsbridge::feed::{Feed, FeedStatus};
-use nsbridge::mapping::{BridgeEvent, Mapper, MappingRules, RelayMode};
+use nsbridge::feed::{Feed, FeedEvent, FeedStatus};
+use nsbridge::mapping::{Mapper, MappingRules, RelayMode};
 use support::store::TestStore;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 struct RunningFeed {
-    events: mpsc::Receiver<BridgeEvent>,
+    events: mpsc::Receiver<FeedEvent>,
     shutdown: CancellationToken,
 }
 
@@ -61,7 +61,8 @@ async fn events_until_sentinel(feed: &mut RunningFeed) -> Vec<(String, String)> 
         let event = tokio::time::timeout(Duration::from_secs(20), feed.events.recv())
             .await
             .unwrap_or_else(|_| panic!("no sentinel; events so far: {seen:#?}"))
-            .expect("feed stopped");
+            .expect("feed stopped")
+            .event;
         let item = (event.kind.name().to_string(), event.payload_json());
         let done = item
             .1
@@ -326,7 +327,7 @@ async fn configured_collection_names_are_watched_under_logical_names() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        first.payload_json(),
+        first.event.payload_json(),
         format!(
             r#"{{"colName":"entries","doc":{{"identifier":"sgv_data","srvModified":{now},"srvCreated":{now}}}}}"#
         )
@@ -335,6 +336,6 @@ async fn configured_collection_names_are_watched_under_logical_names() {
         .await
         .unwrap()
         .unwrap();
-    assert!(second.payload_json().contains("sentinel"));
+    assert!(second.event.payload_json().contains("sentinel"));
     shutdown.cancel();
 }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use bson::{Bson, Document};
 
-use super::permission::{any_implies, Permission};
-use super::token::{api_secret_hash, Presented, TokenKeys};
+use super::permission::{Permission, any_implies};
+use super::token::{Presented, TokenKeys, api_secret_hash};
 use crate::collections::Collection;
 use crate::json_form::id_string;
 
@@ -230,9 +230,11 @@ mod tests {
         let s = snapshot.resolve("testsubjec-cee53db93200a08f").unwrap();
         assert_eq!((s.id.as_str(), s.name.as_str()), (ID_A, "Test Subject_AAPS!"));
         assert!(snapshot.resolve("testsubjec-cee53db93200a08").is_none());
-        assert!(snapshot
-            .resolve(&sha1_hex("testsubjec-cee53db93200a08f"))
-            .is_some());
+        assert!(
+            snapshot
+                .resolve(&sha1_hex("testsubjec-cee53db93200a08f"))
+                .is_some()
+        );
         assert!(snapshot.resolve("").is_none());
     }
 

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bson::{doc, Document};
+use bson::{Document, doc};
 use futures::{StreamExt, TryStreamExt};
 use mongodb::Database;
 use tokio::sync::watch;

@@ -4,7 +4,7 @@
 //! `fullDocumentBeforeChange`.
 
 use super::*;
-use bson::{doc, oid::ObjectId, DateTime, Timestamp};
+use bson::{DateTime, Timestamp, doc, oid::ObjectId};
 
 const OID: &str = "65a1b2c3d4e5f60718293a4b";
 /// The write's server time: 2023-11-14T22:13:21.000Z.
@@ -520,9 +520,10 @@ fn colname_is_logical_whatever_the_mongo_name() {
     };
     let e = relayed(m.map(&insert("sgv_data", entry)));
     assert_eq!(e.collection, Collection::Entries);
-    assert!(e
-        .payload_json()
-        .starts_with(r#"{"colName":"entries","doc":{"identifier":"e1""#));
+    assert!(
+        e.payload_json()
+            .starts_with(r#"{"colName":"entries","doc":{"identifier":"e1""#)
+    );
     assert_eq!(
         m.map(&insert("entries", apiv3_treatment())),
         Decision::Skip {

@@ -1,4 +1,6 @@
 //! Shared harness of the integration tests: the test MongoDB, the bridge process, clients.
 #![allow(dead_code)]
 
+pub mod bridge;
+pub mod puppet;
 pub mod store;

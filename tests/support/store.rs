@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use mongodb::bson::doc;
 use mongodb::Client;
+use mongodb::bson::doc;
 
 const NO_STORE: &str = "no MongoDB for the integration tests: set MONGODB_URI to a replica set \
     (e.g. the `mongo` service of docker-compose.yml), put `mongod` (4.4+) on PATH, or run \

@@ -1,0 +1,222 @@
+//! The bridge as its users run it: the real binary, on a free port, against the test
+//! store; plus a minimal HTTP client for its endpoints.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use mongodb::Database;
+use mongodb::bson::{Document, doc, oid::ObjectId};
+use nsbridge::auth::token::{access_token, api_secret_hash, subject_digest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::store::TestStore;
+
+pub const API_SECRET: &str = "this is my long pass phrase";
+
+pub struct TestBridge {
+    pub port: u16,
+    child: Option<Child>,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestBridge {
+    /// Starts `nsbridge` on `127.0.0.1:0` against `database`, with `env` on top of the
+    /// test defaults, and waits until it listens.
+    pub async fn start(store: &TestStore, database: &str, env: &[(&str, &str)]) -> TestBridge {
+        let dir = tempfile::Builder::new()
+            .prefix("nsbridge-bridge-")
+            .tempdir()
+            .unwrap();
+        let log_path = dir.path().join("bridge.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nsbridge"))
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("MONGODB_URI", store.uri(database))
+            .env("API_SECRET", API_SECRET)
+            .env("NSBRIDGE_LISTEN", "127.0.0.1:0")
+            .env("NSBRIDGE_LOG__FORMAT", "json")
+            .env(
+                "NSBRIDGE_LOG__LEVEL",
+                "debug,mongodb=info,socketioxide=info,engineioxide=info",
+            )
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting nsbridge");
+        let mut bridge = TestBridge {
+            port: 0,
+            child: Some(child),
+            log_path,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while bridge.port == 0 {
+            if let Some(port) = bridge.listening_port() {
+                bridge.port = port;
+                break;
+            }
+            if let Some(status) = bridge.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "nsbridge exited with {status} before listening:\n{}",
+                    bridge.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nsbridge did not listen:\n{}",
+                bridge.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        bridge
+    }
+
+    fn listening_port(&self) -> Option<u16> {
+        self.log_lines()
+            .into_iter()
+            .find(|l| l["message"] == "nsbridge listening")
+            .and_then(|l| l["listen"].as_str()?.rsplit(':').next()?.parse().ok())
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The JSON log lines so far.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.logs()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for `/readyz` to answer 200.
+    pub async fn ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, _)) = http_get(self.port, "/readyz").await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nsbridge never ready:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends SIGTERM and waits up to `limit` for the exit.
+    pub async fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for TestBridge {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `GET path` on 127.0.0.1:port, HTTP/1.1 with `Connection: close`: (status, body).
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    http_request(port, "GET", path, "").await
+}
+
+/// One HTTP/1.1 request with `Connection: close`: (status, body).
+pub async fn http_request(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, dechunk(&text, body)))
+}
+
+/// Undoes chunked transfer encoding, which axum uses for bodies of unknown length.
+fn dechunk(head: &str, body: String) -> String {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body;
+    }
+    let mut out = String::new();
+    let mut rest = body.as_str();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// A subject in `auth_subjects` and its access token.
+pub struct TestSubject {
+    pub id: ObjectId,
+    pub name: String,
+    pub token: String,
+}
+
+pub async fn add_subject(db: &Database, name: &str, roles: &[&str]) -> TestSubject {
+    let id = ObjectId::new();
+    db.collection::<Document>("auth_subjects")
+        .insert_one(doc! { "_id": id, "name": name, "roles": roles })
+        .await
+        .unwrap();
+    TestSubject {
+        id,
+        name: name.to_string(),
+        token: token_of(id, name),
+    }
+}
+
+pub fn token_of(id: ObjectId, name: &str) -> String {
+    access_token(name, &subject_digest(&api_secret_hash(API_SECRET), &id.to_hex()))
+}
