@@ -5,8 +5,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::middleware::from_fn_with_state;
-use mongodb::Client;
-use mongodb::options::ClientOptions;
 use nsbridge::auth::store::AuthStore;
 use nsbridge::channel::{Channel, ChannelConfig, transport};
 use nsbridge::feed::{Feed, FeedEvent};
@@ -24,7 +22,10 @@ const FEED_QUEUE: usize = 1024;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let client = mongo_client(&settings).await?;
+    let metrics = nsbridge::telemetry::init_metrics().context("installing the metrics recorder")?;
+    let (client, mongo_reachable) = nsbridge::mongo::connect(&settings.mongo.uri)
+        .await
+        .with_context(|| format!("MongoDB URI {}", redact_uri(&settings.mongo.uri)))?;
     let db = client.database(&settings.mongo.database);
     let shutdown = CancellationToken::new();
 
@@ -64,9 +65,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(fan_out(channel.clone(), events)),
     ];
 
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let app = http::router(HttpState {
         feed: feed_status,
         auth,
+        mongo_reachable,
+        metrics: Some(metrics),
     })
     .layer(socket_layer)
     .layer(from_fn_with_state(channel.sessions(), transport::guard));
@@ -113,14 +124,6 @@ async fn fan_out(channel: Channel, mut events: mpsc::Receiver<FeedEvent>) {
         channel.publish(&event);
         metrics::histogram!(metric::FANOUT_DURATION).record(received.elapsed().as_secs_f64());
     }
-}
-
-async fn mongo_client(settings: &Settings) -> anyhow::Result<Client> {
-    let mut options = ClientOptions::parse(&settings.mongo.uri)
-        .await
-        .with_context(|| format!("MongoDB URI {}", redact_uri(&settings.mongo.uri)))?;
-    options.app_name.get_or_insert_with(|| "nsbridge".into());
-    Client::with_options(options).context("creating the MongoDB client")
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -11,6 +11,7 @@ pub mod feed;
 pub mod http;
 pub mod json_form;
 pub mod mapping;
+pub mod mongo;
 pub mod net;
 pub mod settings;
 pub mod telemetry;

@@ -1,6 +1,9 @@
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -25,6 +28,9 @@ enum Command {
     Run,
     /// Print the effective settings (secrets redacted) and exit: 0 if usable, 2 if not.
     CheckConfig,
+    /// Ask the bridge running with these settings whether it is ready (its `/readyz`):
+    /// exit 0 if so, 1 if not. For container health checks; needs no curl.
+    Healthcheck,
 }
 
 /// Exit status for settings that cannot be used.
@@ -40,6 +46,14 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => bad_config(e),
+        },
+        Command::Healthcheck => match Settings::load(cli.config.as_deref(), &env) {
+            Ok(settings) => healthcheck(settings.listen),
+            // Container runtimes reserve exit status 2: unhealthy is 1.
+            Err(e) => {
+                eprintln!("nsbridge: bad configuration: {e}");
+                ExitCode::FAILURE
+            }
         },
         Command::Run => {
             let settings = match Settings::load(cli.config.as_deref(), &env) {
@@ -61,6 +75,41 @@ fn main() -> ExitCode {
 fn bad_config(e: nsbridge::settings::SettingsError) -> ExitCode {
     eprintln!("nsbridge: bad configuration: {e}");
     ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+/// `GET /readyz` on the loopback address of the listen port, with short timeouts.
+fn healthcheck(listen: SocketAddr) -> ExitCode {
+    let ip = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    let target = SocketAddr::new(ip, listen.port());
+    match ready(target) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("nsbridge at {target} is not ready");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("nsbridge at {target} did not answer: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn ready(target: SocketAddr) -> std::io::Result<bool> {
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    write!(
+        stream,
+        "GET /readyz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut status_line = String::new();
+    BufReader::new(stream).read_line(&mut status_line)?;
+    Ok(status_line.split_whitespace().nth(1) == Some("200"))
 }
 
 fn run(settings: Settings) -> anyhow::Result<()> {

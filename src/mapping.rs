@@ -309,10 +309,10 @@ impl Mapper {
         if !has_identifier(&doc) {
             doc.insert("identifier", ctx.id.clone());
         }
-        if !is_number(doc.get("srvModified")) {
-            if let Some(wall) = ctx.wall_time_ms {
-                doc.insert("srvModified", wall);
-            }
+        if !is_number(doc.get("srvModified"))
+            && let Some(wall) = ctx.wall_time_ms
+        {
+            doc.insert("srvModified", wall);
         }
         EventBody::Doc(doc)
     }

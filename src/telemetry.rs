@@ -1,12 +1,15 @@
 //! Logs and metrics: the `tracing` subscriber, the Prometheus recorder, and the names of
 //! every metric the bridge records.
 
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 use crate::settings::{LogFormat, LogSettings};
 
 /// Metric names, in one place so that code and the README's reference agree.
 pub mod metric {
+    pub const BUILD_INFO: &str = "nsbridge_build_info";
     pub const WRITES_SKIPPED: &str = "nsbridge_writes_skipped_total";
     pub const STREAM_RESTARTS: &str = "nsbridge_stream_restarts_total";
     pub const RESUME_FAILURES: &str = "nsbridge_resume_failures_total";
@@ -19,6 +22,7 @@ pub mod metric {
     pub const AUTH_FAILURES: &str = "nsbridge_auth_failures_total";
     pub const AUTH_THROTTLED: &str = "nsbridge_auth_throttled_total";
     pub const SLOW_CLIENT_DISCONNECTS: &str = "nsbridge_slow_client_disconnects_total";
+    pub const MONGO_REACHABLE: &str = "nsbridge_mongodb_reachable";
 }
 
 /// Installs the global log subscriber: `RUST_LOG` when set, else the configured level.
@@ -31,4 +35,74 @@ pub fn init_logging(settings: &LogSettings) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+/// Installs the global Prometheus recorder and describes every metric.
+pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    use metric::*;
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(CHANGE_STREAM_LAG.into()),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(FANOUT_DURATION.into()),
+            &[
+                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
+        )?
+        .install_recorder()?;
+    describe_gauge!(BUILD_INFO, "Always 1; the version label tells which build runs.");
+    describe_counter!(
+        WRITES_SKIPPED,
+        "Change events that produced no client event, by collection and reason (not_apiv3, ...)."
+    );
+    describe_counter!(
+        STREAM_RESTARTS,
+        "Change stream reopenings, by reason (error, reopen)."
+    );
+    describe_counter!(
+        RESUME_FAILURES,
+        "Times the change stream could not resume and restarted from the present (events may be missed)."
+    );
+    describe_histogram!(
+        CHANGE_STREAM_LAG,
+        Unit::Seconds,
+        "Time from a write (its wall time in MongoDB) to its change event reaching the bridge."
+    );
+    describe_histogram!(
+        FANOUT_DURATION,
+        Unit::Seconds,
+        "Time from a change event reaching the bridge to its last socket write."
+    );
+    describe_gauge!(
+        SOCKETS_CONNECTED,
+        "Connected Socket.IO sockets, by namespace and Engine.IO protocol."
+    );
+    describe_gauge!(SUBSCRIPTIONS, "Sockets in each collection's room.");
+    describe_counter!(
+        EVENTS_SENT,
+        "Events sent to a collection's room, by collection and type."
+    );
+    describe_counter!(
+        MESSAGES_DELIVERED,
+        "Event messages queued to sockets, by collection."
+    );
+    describe_counter!(AUTH_FAILURES, "Subscribes with a missing or bad access token.");
+    describe_counter!(
+        AUTH_THROTTLED,
+        "Failed subscribes, by outcome: delayed (answered after a wait) or refused (too many waiting)."
+    );
+    describe_counter!(
+        SLOW_CLIENT_DISCONNECTS,
+        "Clients disconnected because their queue was full."
+    );
+    describe_gauge!(
+        MONGO_REACHABLE,
+        "1 while the MongoDB deployment is reachable, else 0."
+    );
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
 }

@@ -51,10 +51,10 @@ async fn in_effect(
 ) {
     let deadline = since + IN_EFFECT_WITHIN;
     loop {
-        if let Some(snapshot) = snapshots.borrow_and_update().clone() {
-            if check(&snapshot) {
-                return;
-            }
+        if let Some(snapshot) = snapshots.borrow_and_update().clone()
+            && check(&snapshot)
+        {
+            return;
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
         if tokio::time::timeout(remaining, snapshots.changed())

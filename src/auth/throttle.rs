@@ -150,14 +150,13 @@ fn throttle_key(address: IpAddr) -> IpAddr {
 /// The client's address: the peer, or behind a trusted proxy the first
 /// `X-Forwarded-For` hop (the original client), when it parses.
 pub fn client_address(peer: SocketAddr, forwarded_for: Option<&str>, trusted_proxy: bool) -> IpAddr {
-    if trusted_proxy {
-        if let Some(first) = forwarded_for.and_then(|h| h.split(',').next()) {
-            if let Ok(ip) = first.trim().parse::<IpAddr>() {
-                return ip;
-            }
-            if let Ok(addr) = first.trim().parse::<SocketAddr>() {
-                return addr.ip();
-            }
+    let first_hop = forwarded_for.and_then(|h| h.split(',').next()).map(str::trim);
+    if trusted_proxy && let Some(first) = first_hop {
+        if let Ok(ip) = first.parse::<IpAddr>() {
+            return ip;
+        }
+        if let Ok(addr) = first.parse::<SocketAddr>() {
+            return addr.ip();
         }
     }
     peer.ip()

@@ -80,16 +80,16 @@ pub async fn guard(State(sessions): State<Arc<Sessions>>, request: Request, next
         return next.run(request).await;
     }
     let query = EngineQuery::parse(request.uri().query().unwrap_or(""));
-    if let Some(sid) = query.sid {
-        if sessions.is_refused(sid) {
-            // What Engine.IO answers for a session it does not know.
-            return (
-                StatusCode::BAD_REQUEST,
-                [(header::CONTENT_TYPE, "application/json")],
-                r#"{"code":1,"message":"Session ID unknown"}"#,
-            )
-                .into_response();
-        }
+    if let Some(sid) = query.sid
+        && sessions.is_refused(sid)
+    {
+        // What Engine.IO answers for a session it does not know.
+        return (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"code":1,"message":"Session ID unknown"}"#,
+        )
+            .into_response();
     }
     let request = if query.eio3 && query.polling && request.method() == Method::POST {
         strip_query_from_polling_body(request).await
@@ -105,10 +105,10 @@ pub async fn guard(State(sessions): State<Arc<Sessions>>, request: Request, next
         })
         .flatten();
     let response = next.run(request).await;
-    if let (Some(sid), Some(connection)) = (query.sid, connection) {
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            sessions.record_upgrade(sid, connection);
-        }
+    if let (Some(sid), Some(connection)) = (query.sid, connection)
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        sessions.record_upgrade(sid, connection);
     }
     response
 }

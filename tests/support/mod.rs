@@ -2,5 +2,6 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod prometheus;
 pub mod puppet;
 pub mod store;

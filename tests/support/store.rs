@@ -27,6 +27,8 @@ pub enum StoreKind {
 
 pub struct TestStore {
     pub kind: StoreKind,
+    /// Extra launcher arguments (compatibility store only).
+    compat_args: Vec<String>,
     host_port: String,
     query: String,
     port: u16,
@@ -37,14 +39,51 @@ pub struct TestStore {
 
 impl TestStore {
     pub async fn start() -> TestStore {
+        TestStore::start_with(true).await
+    }
+
+    /// A store this process owns, for tests that kill and restart it: `mongod` or the
+    /// compatibility store, whatever `MONGODB_URI` says.
+    pub async fn start_owned() -> TestStore {
+        TestStore::start_with(false).await
+    }
+
+    /// The compatibility store, whatever else is available, with launcher arguments:
+    /// for behaviour only it can be made to show (a short change history).
+    pub async fn start_compat(args: &[&str]) -> TestStore {
+        assert!(compat_python().is_file(), "{NO_STORE}");
         let dir = tempfile::Builder::new()
             .prefix("nsbridge-store-")
             .tempdir()
             .unwrap();
-        if let Some(uri) = std::env::var("MONGODB_URI").ok().filter(|u| !u.is_empty()) {
+        let port = free_port();
+        let mut store = TestStore {
+            kind: StoreKind::Compat,
+            compat_args: args.iter().map(|a| a.to_string()).collect(),
+            host_port: format!("127.0.0.1:{port}"),
+            query: "directConnection=true".into(),
+            port,
+            process: None,
+            dir,
+            databases: Default::default(),
+        };
+        store.spawn().await;
+        store
+    }
+
+    async fn start_with(allow_external: bool) -> TestStore {
+        let dir = tempfile::Builder::new()
+            .prefix("nsbridge-store-")
+            .tempdir()
+            .unwrap();
+        let external = std::env::var("MONGODB_URI")
+            .ok()
+            .filter(|u| !u.is_empty() && allow_external);
+        if let Some(uri) = external {
             let (host_port, query) = split_uri(&uri);
             return TestStore {
                 kind: StoreKind::External,
+                compat_args: Vec::new(),
                 host_port,
                 query,
                 port: 0,
@@ -57,11 +96,17 @@ impl TestStore {
             StoreKind::Mongod
         } else if compat_python().is_file() {
             StoreKind::Compat
-        } else {
+        } else if allow_external {
             panic!("{NO_STORE}");
+        } else {
+            panic!(
+                "this test kills and restarts its MongoDB, which it cannot do to MONGODB_URI: \
+                 put `mongod` on PATH or run `scripts/test` (the compatibility store)"
+            );
         };
         let mut store = TestStore {
             kind,
+            compat_args: Vec::new(),
             host_port: String::new(),
             query: "directConnection=true".into(),
             port: free_port(),
@@ -134,6 +179,7 @@ impl TestStore {
                 .arg(&data)
                 .arg("--pid-file")
                 .arg(self.dir.path().join("nx.pid"))
+                .args(&self.compat_args)
                 .stdout(Stdio::piped())
                 .stderr(log.try_clone().unwrap())
                 .spawn()

@@ -1,0 +1,167 @@
+//! The docker-compose stack, validated by `docker-compose config` (no Docker engine runs
+//! on the test machines) and checked for the wiring the README describes.
+
+use std::process::{Command, Output};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+const SECRET: &str = "compose-test-secret-123";
+
+fn compose_config(api_secret: Option<&str>) -> Output {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    // An empty env file, so that a developer's own .env cannot change the outcome.
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    let mut command = Command::new("docker-compose");
+    command
+        .current_dir(repo)
+        .env_remove("API_SECRET")
+        .arg("--env-file")
+        .arg(empty.path())
+        .args(["-f", "docker-compose.yml", "config"]);
+    if let Some(secret) = api_secret {
+        command.env("API_SECRET", secret);
+    }
+    command
+        .output()
+        .expect("docker-compose is needed (scripts/test installs Debian's docker-compose)")
+}
+
+fn text(yaml: &Yaml) -> String {
+    match yaml {
+        Yaml::String(s) => s.clone(),
+        Yaml::Integer(i) => i.to_string(),
+        Yaml::Boolean(b) => b.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn strings(yaml: &Yaml) -> Vec<String> {
+    yaml.as_vec()
+        .map(|v| v.iter().map(text).collect())
+        .unwrap_or_default()
+}
+
+/// Port entries come as `"127.0.0.1:27017:27017/tcp"` or `{published, target}`.
+fn targets(ports: &Yaml) -> Vec<String> {
+    ports
+        .as_vec()
+        .unwrap()
+        .iter()
+        .map(|p| match p {
+            Yaml::String(s) => s.trim_end_matches("/tcp").rsplit(':').next().unwrap().to_string(),
+            other => text(&other["target"]),
+        })
+        .collect()
+}
+
+#[test]
+fn compose_stack_wires_mongo_nightscout_and_the_bridge() {
+    let out = compose_config(Some(SECRET));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = &YamlLoader::load_from_str(&String::from_utf8(out.stdout).unwrap()).unwrap()[0];
+    let services = &config["services"];
+    let mut names: Vec<String> = services.as_hash().unwrap().keys().map(text).collect();
+    names.sort();
+    assert_eq!(names, ["mongo", "nightscout", "nsbridge"]);
+
+    // MongoDB: a single-node replica set, initiated idempotently by its health check.
+    let mongo = &services["mongo"];
+    let command = strings(&mongo["command"]);
+    assert!(
+        command.windows(2).any(|w| w == ["--replSet", "rs0"]),
+        "{command:?}"
+    );
+    let health = strings(&mongo["healthcheck"]["test"]).join(" ");
+    assert!(
+        health.contains("rs.initiate") && health.contains("mongo:27017"),
+        "{health}"
+    );
+    let image = text(&mongo["image"]);
+    let major: u32 = image
+        .trim_start_matches("mongo:")
+        .split('.')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(major >= 5, "MongoDB 4.4+ (mongosh needs 5+): {image}");
+    assert!(
+        strings(&mongo["volumes"])
+            .iter()
+            .any(|v| v.starts_with("mongo-data:/data/db"))
+    );
+    assert!(!config["volumes"]["mongo-data"].is_badvalue());
+
+    // Nightscout and the bridge: the same secret and the same replica-set URI.
+    let nightscout = &services["nightscout"];
+    let bridge = &services["nsbridge"];
+    assert!(text(&nightscout["image"]).starts_with("nightscout/cgm-remote-monitor:"));
+    for service in [nightscout, bridge] {
+        assert_eq!(text(&service["environment"]["API_SECRET"]), SECRET);
+        assert_eq!(
+            text(&service["depends_on"]["mongo"]["condition"]),
+            "service_healthy"
+        );
+    }
+    let uri = text(&nightscout["environment"]["MONGO_CONNECTION"]);
+    assert!(
+        uri.starts_with("mongodb://mongo:27017/") && uri.contains("replicaSet=rs0"),
+        "{uri}"
+    );
+    assert_eq!(text(&bridge["environment"]["MONGO_CONNECTION"]), uri);
+
+    // The bridge: built here, on its own port, never Nightscout's PORT.
+    assert!(
+        !bridge["build"]["context"].is_badvalue(),
+        "built from this repository"
+    );
+    assert_eq!(text(&bridge["environment"]["NSBRIDGE_LISTEN"]), "0.0.0.0:8080");
+    assert!(bridge["environment"]["PORT"].is_badvalue());
+    assert_eq!(targets(&bridge["ports"]), ["8080"]);
+    assert_eq!(targets(&nightscout["ports"]), ["1337"]);
+    assert!(!bridge["restart"].is_badvalue());
+}
+
+#[test]
+fn compose_refuses_to_start_without_api_secret() {
+    let out = compose_config(None);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("set API_SECRET"));
+}
+
+#[test]
+fn dockerfile_runs_as_non_root_with_the_binary_as_health_check() {
+    let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+    // One string per instruction, continuation lines joined.
+    let joined = dockerfile
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace("\\\n", " ");
+    let instructions: Vec<&str> = joined.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    assert!(
+        instructions.iter().filter(|l| l.starts_with("FROM ")).count() >= 2,
+        "multi-stage"
+    );
+    let user = instructions
+        .iter()
+        .rev()
+        .find(|l| l.starts_with("USER "))
+        .expect("a USER");
+    assert!(
+        !user.contains("root") && !user.ends_with(" 0") && !user.contains(" 0:"),
+        "{user}"
+    );
+    let health = instructions
+        .iter()
+        .find(|l| l.starts_with("HEALTHCHECK"))
+        .expect("a HEALTHCHECK");
+    assert!(health.contains(r#"CMD ["nsbridge", "healthcheck"]"#), "{health}");
+    assert!(
+        instructions
+            .iter()
+            .any(|l| l.starts_with("ENTRYPOINT") && l.contains("nsbridge"))
+    );
+}
