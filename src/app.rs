@@ -18,8 +18,10 @@ use tokio_util::sync::CancellationToken;
 
 /// Events between the change stream and the fan-out; the feed waits when it is full.
 const FEED_QUEUE: usize = 1024;
-/// Shutdown must be over by then.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+/// Clients and tasks get this long after SIGTERM; the MongoDB client a little more. The
+/// whole shutdown stays within 5 s.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(3500);
+const CLIENT_SHUTDOWN_GRACE: Duration = Duration::from_millis(1000);
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = nsbridge::telemetry::init_metrics().context("installing the metrics recorder")?;
@@ -106,15 +108,27 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         stopping.cancel();
         server_channel.close().await;
     });
+    let mut serve = tokio::spawn(async move { server.await });
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        served = &mut serve => {
+            // The server stopped on its own: that is an error, and everything else stops too.
+            shutdown.cancel();
+            if let Ok(Err(e)) = served {
+                tracing::error!(error = %e, "the HTTP server stopped");
+            }
+        }
+    }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
-    let serve = tokio::spawn(async move { server.await });
-    shutdown.cancelled().await;
-    if tokio::time::timeout_at(deadline.into(), serve).await.is_err() {
+    if !serve.is_finished() && tokio::time::timeout_at(deadline.into(), serve).await.is_err() {
         tracing::warn!("connections still open at the shutdown deadline; closing them");
     }
     for task in tasks {
         let _ = tokio::time::timeout_at(deadline.into(), task).await;
     }
+    // Let the driver kill the change streams' cursors and close its connections before
+    // the runtime goes away under it.
+    let _ = tokio::time::timeout(CLIENT_SHUTDOWN_GRACE, client.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -18,7 +18,8 @@ pub async fn connect(uri: &str) -> mongodb::error::Result<(Client, watch::Receiv
         if let SdamEvent::TopologyDescriptionChanged(change) = event {
             let now = change.new_description.has_readable_server(None);
             let before = reachable_tx.send_replace(now);
-            if now != before {
+            // Nobody watching any more: the bridge is shutting down and closed the client.
+            if now != before && !reachable_tx.is_closed() {
                 metrics::gauge!(metric::MONGO_REACHABLE).set(if now { 1.0 } else { 0.0 });
                 if now {
                     tracing::info!("MongoDB reachable");

@@ -33,6 +33,9 @@ use transport::Sessions;
 
 pub const NAMESPACE: &str = "/storage";
 
+/// Bytes read from a WebSocket at a time (socketioxide's default is 4096).
+const WS_READ_BUFFER: usize = 1024;
+
 /// Nightscout's `maxHttpBufferSize`: the largest message a client may send, on any transport.
 const MAX_PAYLOAD: u64 = 1_000_000;
 
@@ -90,6 +93,8 @@ impl Channel {
             .max_payload(MAX_PAYLOAD)
             .ws_max_message_size(MAX_PAYLOAD as usize)
             .ws_max_frame_size(MAX_PAYLOAD as usize)
+            // Clients send little (pongs, a subscribe): a small read buffer per WebSocket.
+            .ws_read_buffer_size(WS_READ_BUFFER)
             .max_buffer_size(config.queue_size)
             // No client of this channel sends binary: refuse attachments outright.
             .with_parser(ParserConfig::common().max_incoming_binaries(0))

@@ -13,8 +13,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::extract::{ConnectInfo, OriginalUri, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use socketioxide::socket::Sid;
@@ -91,7 +91,9 @@ pub async fn guard(State(sessions): State<Arc<Sessions>>, request: Request, next
         )
             .into_response();
     }
-    let request = if query.eio3 && query.polling && request.method() == Method::POST {
+    let request = if query.sid.is_none() {
+        detach_head(request)
+    } else if query.eio3 && query.polling && request.method() == Method::POST {
         strip_query_from_polling_body(request).await
     } else {
         request
@@ -111,6 +113,36 @@ pub async fn guard(State(sessions): State<Arc<Sessions>>, request: Request, next
         sessions.record_upgrade(sid, connection);
     }
     response
+}
+
+const KEPT_HEADERS: [HeaderName; 2] = [
+    header::SEC_WEBSOCKET_KEY,
+    HeaderName::from_static("x-forwarded-for"),
+];
+
+/// Socket.IO keeps the request that opened a session for the session's whole life, and
+/// hyper parses a request's URI and headers as slices of its per-connection read buffer
+/// (8 to 16 KiB), which they would keep alive: about half of an idle connection's memory.
+/// Copies of the few hundred bytes let the buffer go once the request is handled.
+fn detach_head(request: Request) -> Request {
+    let (mut parts, body) = request.into_parts();
+    if let Ok(uri) = parts.uri.to_string().parse::<axum::http::Uri>() {
+        // axum's copy of the URI too.
+        parts.extensions.insert(OriginalUri(uri.clone()));
+        parts.uri = uri;
+    }
+    // Only what is read later: the WebSocket key (by Engine.IO, for its answer) and the
+    // forwarded client address (by the channel, behind a trusted proxy).
+    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
+    for name in KEPT_HEADERS {
+        for value in parts.headers.get_all(&name) {
+            if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
+                headers.append(name.clone(), value);
+            }
+        }
+    }
+    parts.headers = headers;
+    Request::from_parts(parts, body)
 }
 
 struct EngineQuery {
@@ -252,6 +284,31 @@ mod tests {
         ] {
             assert_eq!(strip_namespace_queries(payload), None, "{payload}");
         }
+    }
+
+    #[test]
+    fn detached_head_keeps_only_what_is_read_later() {
+        let request = Request::builder()
+            .uri("/socket.io/?EIO=4&transport=websocket")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("cookie", "session=abc")
+            .header("user-agent", "okhttp/4.12.0")
+            .extension(OriginalUri(
+                "/socket.io/?EIO=4&transport=websocket".parse().unwrap(),
+            ))
+            .body(Body::empty())
+            .unwrap();
+        let detached = detach_head(request);
+        assert_eq!(detached.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(
+            detached.extensions().get::<OriginalUri>().unwrap().0,
+            *detached.uri()
+        );
+        let mut names: Vec<&str> = detached.headers().keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["sec-websocket-key", "x-forwarded-for"]);
+        assert_eq!(detached.headers()["x-forwarded-for"], "203.0.113.7");
     }
 
     #[test]
