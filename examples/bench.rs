@@ -24,7 +24,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::{SinkExt, StreamExt};
 use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[path = "../tests/support/http.rs"]
+mod http;
+use http::http_get;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -390,42 +393,6 @@ fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
         lower = (le, count);
     }
     lower.0
-}
-
-async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    let chunked = text.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    Ok((status, if chunked { dechunk(&body) } else { body }))
-}
-
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 // --------------------------------------------------------------------- the load

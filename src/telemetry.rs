@@ -50,7 +50,8 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
         .set_buckets_for_metric(
             Matcher::Full(FANOUT_DURATION.into()),
             &[
-                0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
+                0.025, 0.05, 0.1, 0.25, 1.0,
             ],
         )?
         .install_recorder()?;

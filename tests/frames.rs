@@ -4,7 +4,8 @@
 mod support;
 
 use mongodb::bson::{Document, doc};
-use support::bridge::{TestBridge, add_subject, http_request};
+use support::bridge::{TestBridge, add_subject};
+use support::http::http_request;
 use support::store::TestStore;
 
 /// A long-polling Engine.IO session, speaking raw frames.

@@ -61,14 +61,6 @@ impl Default for ChannelConfig {
     }
 }
 
-/// The outcome of publishing one event.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivery {
-    pub delivered: usize,
-    /// Sockets disconnected because their queue was full.
-    pub slow: usize,
-}
-
 #[derive(Clone)]
 pub struct Channel {
     io: SocketIo,
@@ -140,7 +132,7 @@ impl Channel {
 
     /// Sends one event to its collection's room. The payload is serialised once; a
     /// socket whose queue is full is disconnected rather than silently skipped.
-    pub fn publish(&self, event: &BridgeEvent) -> Delivery {
+    pub fn publish(&self, event: &BridgeEvent) {
         let payload = RawValue::from_string(event.payload_json()).expect("payload_json is JSON");
         let name = event.kind.name();
         let mut slow = Vec::new();
@@ -160,14 +152,9 @@ impl Channel {
         let collection = event.collection.name();
         metrics::counter!(metric::EVENTS_SENT, "collection" => collection, "type" => name).increment(1);
         metrics::counter!(metric::MESSAGES_DELIVERED, "collection" => collection).increment(delivered as u64);
-        let delivery = Delivery {
-            delivered,
-            slow: slow.len(),
-        };
         for socket in slow {
             self.state.disconnect_slow(&socket, event.collection);
         }
-        delivery
     }
 
     /// Re-checks every subscription whenever subjects or roles change, until shut down.
@@ -188,10 +175,6 @@ impl Channel {
     /// Disconnects every socket (graceful shutdown).
     pub async fn close(&self) {
         self.io.clone().close().await;
-    }
-
-    pub fn subscribed_sockets(&self) -> usize {
-        self.state.rooms.read().unwrap().len()
     }
 }
 
@@ -285,12 +268,8 @@ fn connected(state: &Arc<ChannelState>, socket: &SocketRef) {
     let state = state.clone();
     socket.on_disconnect(async move |socket: SocketRef, reason: DisconnectReason| {
         metrics::gauge!(metric::SOCKETS_CONNECTED, "namespace" => ns, "protocol" => protocol).decrement(1.0);
-        if ns == NAMESPACE {
-            let was_subscribed = !state.rooms.read().unwrap().rooms_of(socket.id).is_empty();
-            state.rooms.write().unwrap().remove(socket.id);
-            if was_subscribed {
-                state.update_room_gauges();
-            }
+        if ns == NAMESPACE && state.rooms.write().unwrap().remove(socket.id) {
+            state.update_room_gauges();
         }
         state.sessions.ended(socket.id);
         tracing::info!(sid = %socket.id, namespace = ns, ?reason, "client disconnected");

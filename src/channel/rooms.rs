@@ -39,15 +39,17 @@ impl<K: Copy + Eq + Hash, S: Clone> Rooms<K, S> {
         }
     }
 
-    /// Forgets a socket entirely (it disconnected).
-    pub fn remove(&mut self, key: K) {
-        if let Some(grants) = self.members.remove(&key) {
-            for collection in Collection::ALL {
-                if grants.0[collection.index()].is_some() {
-                    self.rooms[collection.index()].remove(&key);
-                }
+    /// Forgets a socket entirely (it disconnected); false when it was in no room.
+    pub fn remove(&mut self, key: K) -> bool {
+        let Some(grants) = self.members.remove(&key) else {
+            return false;
+        };
+        for collection in Collection::ALL {
+            if grants.0[collection.index()].is_some() {
+                self.rooms[collection.index()].remove(&key);
             }
         }
+        true
     }
 
     /// Drops every membership whose subject is gone or may no longer read the room's
@@ -135,7 +137,8 @@ mod tests {
         assert_eq!(members(&rooms, Entries), [1, 2]);
         assert_eq!(rooms.room_len(Treatments), 1);
         assert_eq!(rooms.len(), 2);
-        rooms.remove(1);
+        assert!(rooms.remove(1));
+        assert!(!rooms.remove(1));
         assert_eq!(members(&rooms, Entries), [2]);
         assert_eq!(rooms.room_len(Treatments), 0);
         assert_eq!(rooms.len(), 1);

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use mongodb::Database;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 use nsbridge::auth::token::{access_token, api_secret_hash, subject_digest};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use super::http::http_get;
 use super::store::TestStore;
 
 pub const API_SECRET: &str = "this is my long pass phrase";
@@ -153,54 +153,6 @@ impl Drop for TestBridge {
             let _ = child.wait();
         }
     }
-}
-
-/// `GET path` on 127.0.0.1:port, HTTP/1.1 with `Connection: close`: (status, body).
-pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
-    http_request(port, "GET", path, "").await
-}
-
-/// One HTTP/1.1 request with `Connection: close`: (status, body).
-pub async fn http_request(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await?;
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, dechunk(&text, body)))
-}
-
-/// Undoes chunked transfer encoding, which axum uses for bodies of unknown length.
-fn dechunk(head: &str, body: String) -> String {
-    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        return body;
-    }
-    let mut out = String::new();
-    let mut rest = body.as_str();
-    while let Some((size, after)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 /// A subject in `auth_subjects` and its access token.
