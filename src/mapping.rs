@@ -59,33 +59,39 @@ pub struct BridgeEvent {
 }
 
 impl BridgeEvent {
-    /// The event's payload as JSON text: `{"colName":..,"doc":..}` or
-    /// `{"colName":..,"identifier":..}`, in Nightscout's field order.
-    pub fn payload_json(&self) -> String {
-        #[derive(Serialize)]
-        struct DocPayload<'a> {
-            #[serde(rename = "colName")]
-            col_name: &'static str,
-            doc: JsonDoc<'a>,
-        }
-        #[derive(Serialize)]
-        struct DeletePayload<'a> {
-            #[serde(rename = "colName")]
-            col_name: &'static str,
-            identifier: &'a str,
-        }
+    /// The event's payload, serialisable to `{"colName":..,"doc":..}` or
+    /// `{"colName":..,"identifier":..}` in Nightscout's field order.
+    pub fn payload(&self) -> Payload<'_> {
         let col_name = self.collection.name();
-        let text = match &self.body {
-            EventBody::Doc(doc) => serde_json::to_string(&DocPayload {
+        match &self.body {
+            EventBody::Doc(doc) => Payload::Doc {
                 col_name,
                 doc: JsonDoc::without_id(doc),
-            }),
-            EventBody::Identifier(identifier) => {
-                serde_json::to_string(&DeletePayload { col_name, identifier })
-            }
-        };
-        text.expect("JSON form of BSON always serialises")
+            },
+            EventBody::Identifier(identifier) => Payload::Delete { col_name, identifier },
+        }
     }
+
+    /// The payload as JSON text.
+    pub fn payload_json(&self) -> String {
+        serde_json::to_string(&self.payload()).expect("JSON form of BSON always serialises")
+    }
+}
+
+/// The wire form of a [`BridgeEvent`]'s payload.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum Payload<'a> {
+    Doc {
+        #[serde(rename = "colName")]
+        col_name: &'static str,
+        doc: JsonDoc<'a>,
+    },
+    Delete {
+        #[serde(rename = "colName")]
+        col_name: &'static str,
+        identifier: &'a str,
+    },
 }
 
 /// Why a change event produced no client event.

@@ -10,6 +10,7 @@ use mongodb::Database;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 use support::bridge::{API_SECRET, TestBridge, TestSubject, add_subject};
+use support::data::{identifiers, is_sentinel, now_ms, write_entry};
 use support::puppet::{ClientKind, MATRIX, Puppet};
 use support::store::TestStore;
 
@@ -43,14 +44,6 @@ async fn setup(name: &str, env: &[(&str, &str)]) -> Setup {
         uploader,
     }
 }
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 fn id_of(i: usize, kind: ClientKind) -> String {
     format!(
         "c{i}-{}-{}",
@@ -234,11 +227,6 @@ fn for_collections(all: &[(String, Value)], collections: &[&str]) -> Vec<(String
         .cloned()
         .collect()
 }
-
-fn is_sentinel(payload: &Value) -> bool {
-    payload["doc"]["identifier"] == "sentinel"
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiv3_writes_arrive_as_exactly_the_expected_events() {
     let s = setup("compat_events", &[]).await;
@@ -389,31 +377,6 @@ async fn androidaps_shaped_session() {
     assert_no_events(&rest, "aaps");
     assert_no_events(&rest, "aaps-admin");
 }
-
-async fn write_entry(db: &Database, identifier: &str, padding: usize) {
-    let now = now_ms();
-    db.collection::<Document>("entries")
-        .insert_one(doc! {
-            "identifier": identifier, "sgv": 100, "srvModified": now, "srvCreated": now,
-            "padding": "x".repeat(padding),
-        })
-        .await
-        .unwrap();
-}
-
-fn identifiers(events: &[(String, Value)]) -> Vec<String> {
-    events
-        .iter()
-        .map(|(_, p)| {
-            p["doc"]["identifier"]
-                .as_str()
-                .or(p["identifier"].as_str())
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_permissions_and_deleted_subjects_stop_events_within_a_second() {
     // No default role: what a subject may read comes from its own roles alone.

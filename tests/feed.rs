@@ -13,6 +13,7 @@ use mongodb::options::ReplaceOptions;
 use nsbridge::collections::CollectionNames;
 use nsbridge::feed::{Feed, FeedEvent, FeedStatus};
 use nsbridge::mapping::{Mapper, MappingRules, RelayMode};
+use support::data::now_ms;
 use support::store::TestStore;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -73,14 +74,6 @@ async fn events_until_sentinel(feed: &mut RunningFeed) -> Vec<(String, String)> 
         }
     }
 }
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 async fn write_sentinel(db: &Database) -> i64 {
     let now = now_ms();
     db.collection::<Document>("devicestatus")

@@ -10,17 +10,10 @@ use std::time::Duration;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 use support::bridge::{TestBridge, add_subject, http_get};
+use support::data::now_ms;
 use support::store::{TestStore, repo_path};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_subscribes_and_shows_writes_as_they_happen() {
     let store = TestStore::start().await;

@@ -4,42 +4,13 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use mongodb::Database;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 use support::bridge::{TestBridge, add_subject, http_get};
+use support::data::{identifiers, is_sentinel, write_entries};
 use support::prometheus::{self, value};
 use support::puppet::{ClientKind, MATRIX, Puppet};
 use support::store::TestStore;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-async fn write_entries(db: &Database, identifiers: &[&str]) {
-    for identifier in identifiers {
-        let now = now_ms();
-        db.collection::<Document>("entries")
-            .insert_one(doc! { "identifier": *identifier, "sgv": 100, "srvModified": now, "srvCreated": now })
-            .await
-            .unwrap();
-    }
-}
-
-fn is_sentinel(payload: &Value) -> bool {
-    payload["doc"]["identifier"] == "sentinel"
-}
-
-fn identifiers(events: &[(String, Value)]) -> Vec<String> {
-    events
-        .iter()
-        .map(|(_, p)| p["doc"]["identifier"].as_str().unwrap().to_string())
-        .collect()
-}
-
 async fn readyz_status(bridge: &TestBridge) -> u16 {
     http_get(bridge.port, "/readyz")
         .await

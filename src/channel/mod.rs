@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 use serde_json::Value;
-use serde_json::value::RawValue;
 use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
@@ -133,7 +132,9 @@ impl Channel {
     /// Sends one event to its collection's room. The payload is serialised once; a
     /// socket whose queue is full is disconnected rather than silently skipped.
     pub fn publish(&self, event: &BridgeEvent) {
-        let payload = RawValue::from_string(event.payload_json()).expect("payload_json is JSON");
+        // Serialised once here; each socket's packet only copies the text.
+        let payload =
+            serde_json::value::to_raw_value(&event.payload()).expect("JSON form of BSON always serialises");
         let name = event.kind.name();
         let mut slow = Vec::new();
         let delivered = {

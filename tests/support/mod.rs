@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod bridge;
+pub mod data;
 pub mod http;
 pub mod prometheus;
 pub mod puppet;
