@@ -91,7 +91,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         listen = %local,
         uri = %redact_uri(&settings.mongo.uri),
         database = %settings.mongo.database,
-        relay = ?settings.relay,
+        relay = %settings.relay,
         version = env!("CARGO_PKG_VERSION"),
         "nsbridge listening"
     );

@@ -23,6 +23,15 @@ pub enum RelayMode {
     All,
 }
 
+impl fmt::Display for RelayMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RelayMode::Apiv3 => "apiv3",
+            RelayMode::All => "all",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {
     Create,
