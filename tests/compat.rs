@@ -9,41 +9,10 @@ use std::time::{Duration, Instant};
 use mongodb::Database;
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
-use support::bridge::{API_SECRET, TestBridge, TestSubject, add_subject};
+use support::bridge::{API_SECRET, Setup, add_subject};
 use support::data::{identifiers, is_sentinel, now_ms, write_entry};
 use support::puppet::{ClientKind, MATRIX, Puppet};
-use support::store::TestStore;
 
-struct Setup {
-    _store: TestStore,
-    db: Database,
-    bridge: TestBridge,
-    reader: TestSubject,
-    admin: TestSubject,
-    uploader: TestSubject,
-}
-
-/// Store, database, subjects (a `readable` follower, an admin, a careportal uploader)
-/// and the bridge, ready.
-async fn setup(name: &str, env: &[(&str, &str)]) -> Setup {
-    let store = TestStore::start().await;
-    let client = store.client().await;
-    let database = store.database(name);
-    let db = client.database(&database);
-    let reader = add_subject(&db, "Follower", &["readable"]).await;
-    let admin = add_subject(&db, "Admin Tool", &["admin"]).await;
-    let uploader = add_subject(&db, "Uploader", &["careportal"]).await;
-    let bridge = TestBridge::start(&store, &database, env).await;
-    bridge.ready().await;
-    Setup {
-        _store: store,
-        db,
-        bridge,
-        reader,
-        admin,
-        uploader,
-    }
-}
 fn id_of(i: usize, kind: ClientKind) -> String {
     format!(
         "c{i}-{}-{}",
@@ -75,7 +44,7 @@ fn assert_no_events(reports: &[Value], id: &str) {
 async fn every_ack_case_of_subscribe() {
     // Fast failure acks: this test is about their content, not their pace. No default
     // role, so that the uploader's token is valid but reads nothing.
-    let s = setup(
+    let s = Setup::start(
         "compat_acks",
         &[
             ("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1"),
@@ -229,7 +198,7 @@ fn for_collections(all: &[(String, Value)], collections: &[&str]) -> Vec<(String
 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiv3_writes_arrive_as_exactly_the_expected_events() {
-    let s = setup("compat_events", &[]).await;
+    let s = Setup::start("compat_events", &[]).await;
     let mut puppet = Puppet::start().await;
     let url = s.bridge.url();
     let mut subscribed = Vec::new();
@@ -297,7 +266,7 @@ async fn apiv3_writes_arrive_as_exactly_the_expected_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn androidaps_shaped_session() {
-    let s = setup("compat_aaps", &[]).await;
+    let s = Setup::start("compat_aaps", &[]).await;
     let mut puppet = Puppet::start().await;
     // AndroidAPS (Java client 2.x, Engine.IO 4) multiplexes /storage and /alarm on one
     // connection. This bridge serves /storage alone: /alarm is refused, /storage works.
@@ -380,7 +349,7 @@ async fn androidaps_shaped_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_permissions_and_deleted_subjects_stop_events_within_a_second() {
     // No default role: what a subject may read comes from its own roles alone.
-    let s = setup("compat_revoke", &[("AUTH_DEFAULT_ROLES", "denied")]).await;
+    let s = Setup::start("compat_revoke", &[("AUTH_DEFAULT_ROLES", "denied")]).await;
     let limited = add_subject(&s.db, "Limited Later", &["readable"]).await;
     let doomed = add_subject(&s.db, "Deleted Later", &["readable"]).await;
     s.db.collection::<Document>("auth_roles")
@@ -441,7 +410,7 @@ async fn revoked_permissions_and_deleted_subjects_stop_events_within_a_second() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected_and_others_get_everything() {
-    let s = setup("compat_slow", &[("NSBRIDGE_CHANNEL__QUEUE_SIZE", "8")]).await;
+    let s = Setup::start("compat_slow", &[("NSBRIDGE_CHANNEL__QUEUE_SIZE", "8")]).await;
     let mut puppet = Puppet::start().await;
     let url = s.bridge.url();
     let entries = json!({"accessToken": s.reader.token, "collections": ["entries"]});
@@ -510,7 +479,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_others_get_everything()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_is_bounded_and_harmless() {
-    let s = setup("compat_malformed", &[("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1")]).await;
+    let s = Setup::start("compat_malformed", &[("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1")]).await;
     let mut puppet = Puppet::start().await;
     let url = s.bridge.url();
     for (i, kind) in MATRIX.into_iter().enumerate() {
@@ -603,7 +572,7 @@ async fn malformed_input_is_bounded_and_harmless() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_subscribes_are_slowed_down_but_never_a_valid_one() {
     // Default throttling: +100 ms per failure within 60 s, up to 2 s; 16 waiting per address.
-    let s = setup("compat_burst", &[]).await;
+    let s = Setup::start("compat_burst", &[]).await;
     let mut puppet = Puppet::start().await;
     let url = s.bridge.url();
     puppet.connect("attacker", MATRIX[3], &url).await;
@@ -668,7 +637,7 @@ async fn failed_subscribes_are_slowed_down_but_never_a_valid_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_io_2_namespace_query_over_polling() {
-    let s = setup("compat_query", &[]).await;
+    let s = Setup::start("compat_query", &[]).await;
     let mut puppet = Puppet::start().await;
     // socket.io-client 2.x sends the query inside CONNECT: `40/storage?client=follower,`.
     let kind = ClientKind {
@@ -701,7 +670,7 @@ async fn socket_io_2_namespace_query_over_polling() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_the_secret_never_reach_the_logs() {
-    let s = setup("compat_logs", &[("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1")]).await;
+    let s = Setup::start("compat_logs", &[("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1")]).await;
     let mut puppet = Puppet::start().await;
     let url = s.bridge.url();
     let kind = MATRIX[2];

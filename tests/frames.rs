@@ -4,9 +4,8 @@
 mod support;
 
 use mongodb::bson::{Document, doc};
-use support::bridge::{TestBridge, add_subject};
+use support::bridge::Setup;
 use support::http::http_request;
-use support::store::TestStore;
 
 /// A long-polling Engine.IO session, speaking raw frames.
 struct Polling {
@@ -97,13 +96,13 @@ fn handshake_values(open: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_io_3_and_4_frames() {
-    let store = TestStore::start().await;
-    let client = store.client().await;
-    let database = store.database("frames");
-    let db = client.database(&database);
-    let reader = add_subject(&db, "reader", &["readable"]).await;
-    let bridge = TestBridge::start(&store, &database, &[]).await;
-    bridge.ready().await;
+    let Setup {
+        store: _store,
+        db,
+        bridge,
+        reader,
+        ..
+    } = Setup::start("frames", &[]).await;
 
     // Engine.IO 3, as socket.io-client 2.x speaks it.
     let (v3, open) = Polling::open(bridge.port, 3).await;

@@ -9,20 +9,20 @@ use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
-use support::bridge::{TestBridge, add_subject, http_get};
+use support::bridge::{Setup, http_get};
 use support::data::now_ms;
-use support::store::{TestStore, repo_path};
+use support::store::repo_path;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_subscribes_and_shows_writes_as_they_happen() {
-    let store = TestStore::start().await;
-    let client = store.client().await;
-    let database = store.database("live_page");
-    let db = client.database(&database);
-    let viewer = add_subject(&db, "Page Viewer", &["readable"]).await;
-    let bridge = TestBridge::start(&store, &database, &[]).await;
-    bridge.ready().await;
+    let Setup {
+        store: _store,
+        db,
+        bridge,
+        reader: viewer,
+        ..
+    } = Setup::start("live_page", &[]).await;
 
     // Served by the bridge itself, with nothing fetched from elsewhere.
     let (status, page) = http_get(bridge.port, "/").await.unwrap();

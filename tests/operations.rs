@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
-use support::bridge::{TestBridge, add_subject, http_get};
+use support::bridge::{Setup, TestBridge, add_subject, http_get};
 use support::data::{identifiers, is_sentinel, write_entries};
 use support::prometheus::{self, value};
 use support::puppet::{ClientKind, MATRIX, Puppet};
@@ -110,13 +110,13 @@ async fn writes_around_a_store_crash_arrive_exactly_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_as_events_flow() {
-    let store = TestStore::start().await;
-    let client = store.client().await;
-    let database = store.database("metrics");
-    let db = client.database(&database);
-    let reader = add_subject(&db, "follower", &["readable"]).await;
-    let bridge = TestBridge::start(&store, &database, &[("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1")]).await;
-    bridge.ready().await;
+    let Setup {
+        store: _store,
+        db,
+        bridge,
+        reader,
+        ..
+    } = Setup::start("metrics", &[("NSBRIDGE_AUTH__FAILURE_DELAY_MS", "1")]).await;
     let read = || async {
         let (status, text) = http_get(bridge.port, "/metrics").await.unwrap();
         assert_eq!(status, 200);

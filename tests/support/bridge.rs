@@ -155,6 +155,39 @@ impl Drop for TestBridge {
     }
 }
 
+/// A store, a database of the test's own with three subjects (a `readable` follower, an
+/// admin, a careportal uploader), and the bridge on it, ready.
+pub struct Setup {
+    pub store: TestStore,
+    pub db: Database,
+    pub bridge: TestBridge,
+    pub reader: TestSubject,
+    pub admin: TestSubject,
+    pub uploader: TestSubject,
+}
+
+impl Setup {
+    pub async fn start(name: &str, env: &[(&str, &str)]) -> Setup {
+        let store = TestStore::start().await;
+        let client = store.client().await;
+        let database = store.database(name);
+        let db = client.database(&database);
+        let reader = add_subject(&db, "Follower", &["readable"]).await;
+        let admin = add_subject(&db, "Admin Tool", &["admin"]).await;
+        let uploader = add_subject(&db, "Uploader", &["careportal"]).await;
+        let bridge = TestBridge::start(&store, &database, env).await;
+        bridge.ready().await;
+        Setup {
+            store,
+            db,
+            bridge,
+            reader,
+            admin,
+            uploader,
+        }
+    }
+}
+
 /// A subject in `auth_subjects` and its access token.
 pub struct TestSubject {
     pub id: ObjectId,
