@@ -373,7 +373,14 @@ pub fn v3_string_decoder(
 
             // Check if the packet length matches the number of UTF-16 code units
             if let Ok(packet) = std::str::from_utf8(&packet_buf) {
-                if utf16_len(packet) == packet_utf16_len {
+                let packet_len = utf16_len(packet);
+                if packet_len > packet_utf16_len {
+                    // The declared length ends inside a surrogate pair: no prefix of the
+                    // data has that length. Left as is, the next turn would cut the packet
+                    // back to the same char and consume nothing, forever.
+                    break Some((Err(PacketParseError::InvalidPacketLen), state));
+                }
+                if packet_len == packet_utf16_len {
                     // SAFETY: packet_buf is a valid utf8 string checkd above
                     let packet = unsafe { String::from_utf8_unchecked(packet_buf) };
                     let packet = Packet::parse(ProtocolVersion::V3, packet)
@@ -697,6 +704,47 @@ mod tests {
         .await
         .expect("v3_string_decoder hung on surrogate-straddling length");
         assert!(matches!(result, Some(Err(_)) | None));
+    }
+
+    // A declared length that ends inside a surrogate pair, followed by more data, in one
+    // chunk or two: the decoder used to spin without yielding, so a timeout inside the
+    // runtime could never fire. The decode runs on a thread of its own and is watched.
+    #[cfg(feature = "v3")]
+    #[test]
+    fn string_payload_v3_surrogate_straddle_followed_by_data_is_rejected() {
+        let bodies: [&[&str]; 4] = [
+            &["1:\u{1F600}x"],
+            &["1:\u{1F600}", "x"],
+            &["2:4\u{1D54A}2:40"],
+            &["1:", "\u{1F600}", "1:2"],
+        ];
+        for chunks in bodies {
+            let chunks: Vec<Bytes> = chunks.iter().map(|c| Bytes::from(c.to_string())).collect();
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let input = chunks.clone();
+            std::thread::spawn(move || {
+                let body = StreamBody::new(futures_util::stream::iter(
+                    input
+                        .into_iter()
+                        .map(Frame::data)
+                        .map(Ok::<_, std::convert::Infallible>),
+                ));
+                let payload = v3_string_decoder(body, MAX_PAYLOAD);
+                futures_util::pin_mut!(payload);
+                // Every chunk is ready at once: poll until the first item.
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                let first = loop {
+                    if let std::task::Poll::Ready(item) = payload.as_mut().poll_next(&mut cx) {
+                        break item;
+                    }
+                };
+                let _ = done_tx.send(matches!(first, Some(Err(PacketParseError::InvalidPacketLen))));
+            });
+            let rejected = done_rx
+                .recv_timeout(std::time::Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("v3_string_decoder did not finish on {chunks:?}"));
+            assert!(rejected, "{chunks:?}: expected InvalidPacketLen");
+        }
     }
 
     // (3) Direct unit tests for the UTF-16 helpers.
