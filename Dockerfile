@@ -22,7 +22,9 @@ WORKDIR /build
 # artifacts and fingerprints), so the real sources below are always compiled, whatever
 # their timestamps. (Should Cargo.toml ever declare targets by path — [[test]], [[bench]],
 # [[example]] — they need placeholders here, and their files a place in the context.)
+# The vendored, patched crates (vendor/README.md) are part of that dependency graph.
 COPY Cargo.toml Cargo.lock ./
+COPY vendor ./vendor
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \

@@ -10,10 +10,10 @@ use nsbridge::channel::{Channel, ChannelConfig, transport};
 use nsbridge::feed::{Feed, FeedEvent};
 use nsbridge::http::{self, HttpState};
 use nsbridge::mapping::{Mapper, MappingRules};
-use nsbridge::net::{ConnectionInfo, TrackedListener};
+use nsbridge::net::Connections;
 use nsbridge::settings::{Settings, redact_uri};
 use nsbridge::telemetry::metric;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// Events between the change stream and the fan-out; the feed waits when it is full.
@@ -30,6 +30,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("MongoDB URI {}", redact_uri(&settings.mongo.uri)))?;
     let db = client.database(&settings.mongo.database);
     let shutdown = CancellationToken::new();
+    let (answering_tx, mongo_answering) = watch::channel(false);
 
     let auth_store = AuthStore::new(
         db.clone(),
@@ -60,7 +61,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
 
     let (events_tx, events) = mpsc::channel(FEED_QUEUE);
+    let connections = Connections::new(connection_limits(&settings));
     let tasks = [
+        tokio::spawn(nsbridge::mongo::watch_answering(
+            client.clone(),
+            nsbridge::mongo::PING_INTERVAL,
+            nsbridge::mongo::PING_TIMEOUT,
+            answering_tx,
+            shutdown.clone(),
+        )),
+        tokio::spawn(connections.clone().run_reaper(shutdown.clone())),
         tokio::spawn(auth_store.run(shutdown.clone())),
         tokio::spawn(feed.run(events_tx, shutdown.clone())),
         tokio::spawn(channel.clone().follow_auth(shutdown.clone())),
@@ -79,6 +89,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         feed: feed_status,
         auth,
         mongo_reachable,
+        mongo_answering,
         metrics: Some(metrics),
     })
     .layer(socket_layer)
@@ -92,31 +103,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         uri = %redact_uri(&settings.mongo.uri),
         database = %settings.mongo.database,
         relay = %settings.relay,
+        max_connections = connections.limits().max_connections,
         version = env!("CARGO_PKG_VERSION"),
         "nsbridge listening"
     );
 
-    let stopping = shutdown.clone();
-    let server_channel = channel.clone();
-    let server = axum::serve(
-        TrackedListener::new(listener),
-        app.into_make_service_with_connect_info::<ConnectionInfo>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: disconnecting clients, closing the change stream");
-        stopping.cancel();
-        server_channel.close().await;
-    });
-    let mut serve = tokio::spawn(async move { server.await });
+    let stop_serving = CancellationToken::new();
+    let mut serve = tokio::spawn(nsbridge::server::serve(
+        listener,
+        connections,
+        app,
+        stop_serving.clone(),
+    ));
     tokio::select! {
-        _ = shutdown.cancelled() => {}
-        served = &mut serve => {
-            // The server stopped on its own: that is an error, and everything else stops too.
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down: disconnecting clients, closing the change stream");
+            stop_serving.cancel();
             shutdown.cancel();
-            if let Ok(Err(e)) = served {
-                tracing::error!(error = %e, "the HTTP server stopped");
-            }
+            channel.close().await;
+        }
+        _ = &mut serve => {
+            // The server stopped on its own: that is an error, and everything else stops too.
+            tracing::error!("the HTTP server stopped");
+            shutdown.cancel();
         }
     }
     let deadline = Instant::now() + SHUTDOWN_GRACE;
@@ -131,6 +140,29 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let _ = tokio::time::timeout(CLIENT_SHUTDOWN_GRACE, client.shutdown()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The configured connection limits, within what the open-files limit allows (raised to
+/// its hard limit first).
+fn connection_limits(settings: &Settings) -> nsbridge::net::ConnectionLimits {
+    let configured = settings.connections.clone();
+    let open_files = match nsbridge::net::raise_open_files_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-files limit; assuming 1024");
+            1024
+        }
+    };
+    let limits = configured.clone().within_open_files(open_files);
+    if limits.max_connections < configured.max_connections {
+        tracing::warn!(
+            configured = configured.max_connections,
+            limit = limits.max_connections,
+            open_files,
+            "connection limit lowered to fit the open-files limit"
+        );
+    }
+    limits
 }
 
 async fn fan_out(channel: Channel, mut events: mpsc::Receiver<FeedEvent>) {

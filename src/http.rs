@@ -20,6 +20,8 @@ pub struct HttpState {
     pub feed: watch::Receiver<FeedStatus>,
     pub auth: SnapshotReceiver,
     pub mongo_reachable: watch::Receiver<bool>,
+    /// Whether the deployment answered its last ping in time (see `mongo::watch_answering`).
+    pub mongo_answering: watch::Receiver<bool>,
     pub metrics: Option<PrometheusHandle>,
 }
 
@@ -50,9 +52,11 @@ struct Readiness {
     reason: Option<String>,
 }
 
-/// 200 only while MongoDB is reachable, the change stream open and the auth data read.
+/// 200 only while MongoDB is reachable and answering, the change stream open and the auth
+/// data read.
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     let reachable = *state.mongo_reachable.borrow();
+    let answering = *state.mongo_answering.borrow();
     let feed = state.feed.borrow().clone();
     let auth_loaded = state.auth.borrow().is_some();
     let (change_stream, stream_problem) = match feed {
@@ -62,6 +66,8 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     };
     let reason = if !reachable {
         Some("MongoDB unreachable".to_string())
+    } else if !answering {
+        Some("MongoDB not answering".to_string())
     } else if let Some(problem) = stream_problem {
         Some(problem)
     } else if !auth_loaded {
@@ -71,7 +77,11 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     };
     let body = Readiness {
         ready: reason.is_none(),
-        mongodb: if reachable { "reachable" } else { "unreachable" },
+        mongodb: match (reachable, answering) {
+            (false, _) => "unreachable",
+            (true, false) => "not answering",
+            (true, true) => "reachable",
+        },
         change_stream,
         auth: if auth_loaded { "loaded" } else { "loading" },
         reason,

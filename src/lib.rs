@@ -13,5 +13,6 @@ pub mod json_form;
 pub mod mapping;
 pub mod mongo;
 pub mod net;
+pub mod server;
 pub mod settings;
 pub mod telemetry;

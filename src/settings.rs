@@ -18,6 +18,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::auth::throttle::ThrottleConfig;
 use crate::collections::CollectionNames;
 use crate::mapping::RelayMode;
+use crate::net::ConnectionLimits;
 
 /// The defaults, compiled in so the binary runs without the file.
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
@@ -52,6 +53,7 @@ pub struct Settings {
     pub collections: CollectionNames,
     pub auth: AuthSettings,
     pub channel: ChannelSettings,
+    pub connections: ConnectionLimits,
     pub log: LogSettings,
 }
 
@@ -120,7 +122,17 @@ struct RawSettings {
     collections: CollectionNames,
     auth: RawAuth,
     channel: RawChannel,
+    connections: RawConnections,
     log: RawLog,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnections {
+    max: usize,
+    header_read_timeout_secs: u64,
+    keep_alive_timeout_secs: u64,
+    request_body_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -327,6 +339,19 @@ impl Settings {
         }
         for (setting, value) in [
             ("channel.queue_size", raw.channel.queue_size),
+            ("connections.max", raw.connections.max),
+            (
+                "connections.header_read_timeout_secs",
+                raw.connections.header_read_timeout_secs as usize,
+            ),
+            (
+                "connections.keep_alive_timeout_secs",
+                raw.connections.keep_alive_timeout_secs as usize,
+            ),
+            (
+                "connections.request_body_timeout_secs",
+                raw.connections.request_body_timeout_secs as usize,
+            ),
             ("auth.failure_window_secs", raw.auth.failure_window_secs as usize),
             ("auth.max_pending_failures", raw.auth.max_pending_failures),
         ] {
@@ -379,6 +404,12 @@ impl Settings {
             },
             channel: ChannelSettings {
                 queue_size: raw.channel.queue_size,
+            },
+            connections: ConnectionLimits {
+                max_connections: raw.connections.max,
+                header_read_timeout: Duration::from_secs(raw.connections.header_read_timeout_secs),
+                keep_alive_timeout: Duration::from_secs(raw.connections.keep_alive_timeout_secs),
+                request_body_timeout: Duration::from_secs(raw.connections.request_body_timeout_secs),
             },
             log: LogSettings {
                 format,

@@ -23,6 +23,10 @@ pub mod metric {
     pub const AUTH_THROTTLED: &str = "nsbridge_auth_throttled_total";
     pub const SLOW_CLIENT_DISCONNECTS: &str = "nsbridge_slow_client_disconnects_total";
     pub const MONGO_REACHABLE: &str = "nsbridge_mongodb_reachable";
+    pub const CONNECTIONS_OPEN: &str = "nsbridge_connections_open";
+    pub const CONNECTION_LIMIT: &str = "nsbridge_connection_limit";
+    pub const CONNECTIONS_REFUSED: &str = "nsbridge_connections_refused_total";
+    pub const CONNECTIONS_CLOSED: &str = "nsbridge_connections_closed_total";
 }
 
 /// Installs the global log subscriber: `RUST_LOG` when set, else the configured level.
@@ -103,6 +107,22 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
     describe_gauge!(
         MONGO_REACHABLE,
         "1 while the MongoDB deployment is reachable, else 0."
+    );
+    describe_gauge!(
+        CONNECTIONS_OPEN,
+        "Open TCP connections (HTTP, polling, WebSocket)."
+    );
+    describe_gauge!(
+        CONNECTION_LIMIT,
+        "Connections allowed open at once (the setting, or less under the open-files limit)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "New connections closed at once: at the limit with nothing idle to close, or out of descriptors."
+    );
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections the bridge closed, by reason: header_timeout, keep_alive_timeout, body_timeout, evicted."
     );
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)

@@ -164,4 +164,28 @@ fn dockerfile_runs_as_non_root_with_the_binary_as_health_check() {
             .iter()
             .any(|l| l.starts_with("ENTRYPOINT") && l.contains("nsbridge"))
     );
+    // The dependency layer builds the locked graph, vendored crates included: each path
+    // patched in Cargo.toml is copied in before the first build.
+    let manifest: toml::Table = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let first_build = instructions
+        .iter()
+        .position(|l| l.contains("cargo build"))
+        .expect("a cargo build");
+    let copied: Vec<&str> = instructions[..first_build]
+        .iter()
+        .filter_map(|l| l.strip_prefix("COPY "))
+        .flat_map(|l| l.split_whitespace())
+        .collect();
+    let patched = manifest["patch"]["crates-io"].as_table().unwrap();
+    for (name, patch) in patched {
+        let path = patch["path"].as_str().unwrap();
+        let top = path.split('/').next().unwrap();
+        assert!(
+            copied.contains(&top),
+            "{name} ({path}) is not copied before the first build"
+        );
+    }
 }

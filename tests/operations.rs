@@ -406,3 +406,37 @@ async fn healthcheck_subcommand_follows_readiness() {
     assert_eq!(gone.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&gone.stderr).contains("did not answer"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_within_10_s_when_the_store_stops_answering() {
+    let store = TestStore::start_owned().await;
+    let database = store.database("frozen");
+    let bridge = TestBridge::start(&store, &database, &[]).await;
+    bridge.ready().await;
+    // Frozen, not gone: connections stay open and nothing answers on them.
+    store.signal("STOP");
+    let frozen = Instant::now();
+    while readyz_status(&bridge).await != 503 {
+        assert!(
+            frozen.elapsed() < Duration::from_secs(10),
+            "/readyz still 200 10 s after the store froze:\n{}",
+            bridge.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, body) = http_get(bridge.port, "/readyz").await.unwrap();
+    let readiness: Value = serde_json::from_str(&body).unwrap();
+    // The change stream may be open still (its read just waits) or already failed.
+    assert_eq!(readiness["ready"], false, "{readiness}");
+    assert_eq!(readiness["mongodb"], "not answering", "{readiness}");
+    assert_eq!(readiness["reason"], "MongoDB not answering", "{readiness}");
+    assert_eq!(http_get(bridge.port, "/healthz").await.unwrap().0, 200);
+    store.signal("CONT");
+    wait_for_readyz(&bridge, 200, "store thawed").await;
+    let warned = bridge
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["message"] == "MongoDB not answering")
+        .count();
+    assert_eq!(warned, 1, "{}", bridge.logs());
+}

@@ -98,15 +98,25 @@ pub async fn guard(State(sessions): State<Arc<Sessions>>, request: Request, next
     } else {
         request
     };
-    let connection = (query.websocket && query.sid.is_some())
-        .then(|| {
-            request
-                .extensions()
-                .get::<ConnectInfo<ConnectionInfo>>()
-                .map(|c| c.0.clone())
-        })
-        .flatten();
+    let connection = request
+        .extensions()
+        .get::<ConnectInfo<ConnectionInfo>>()
+        .map(|c| c.0.clone());
+    let is_post = request.method() == Method::POST;
     let response = next.run(request).await;
+    // Engine.IO answers a payload it cannot decode with an empty 400 and ends the
+    // session; its session errors carry a JSON body.
+    if is_post
+        && response.status() == StatusCode::BAD_REQUEST
+        && !response.headers().contains_key(header::CONTENT_TYPE)
+    {
+        tracing::info!(
+            sid = ?query.sid,
+            client = ?connection.as_ref().map(|c| c.peer),
+            "malformed polling payload refused; its session ended"
+        );
+    }
+    let connection = connection.filter(|_| query.websocket && query.sid.is_some());
     if let (Some(sid), Some(connection)) = (query.sid, connection)
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
@@ -145,15 +155,16 @@ fn detach_head(request: Request) -> Request {
     Request::from_parts(parts, body)
 }
 
-struct EngineQuery {
-    sid: Option<Sid>,
-    eio3: bool,
-    polling: bool,
-    websocket: bool,
+/// The Engine.IO parameters of a request's query string.
+pub struct EngineQuery {
+    pub sid: Option<Sid>,
+    pub eio3: bool,
+    pub polling: bool,
+    pub websocket: bool,
 }
 
 impl EngineQuery {
-    fn parse(query: &str) -> EngineQuery {
+    pub fn parse(query: &str) -> EngineQuery {
         let mut parsed = EngineQuery {
             sid: None,
             eio3: false,
@@ -203,7 +214,7 @@ async fn strip_query_from_polling_body(request: Request) -> Request {
 /// Rewrites an Engine.IO 3 text payload (`<utf-16 length>:<packet>` repeated) so that
 /// CONNECT packets name their namespace without a query. `None` when nothing changes
 /// or the payload is not of that form.
-fn strip_namespace_queries(payload: &str) -> Option<String> {
+pub fn strip_namespace_queries(payload: &str) -> Option<String> {
     let mut out = String::with_capacity(payload.len());
     let mut rest = payload;
     let mut changed = false;

@@ -25,13 +25,38 @@ impl TestBridge {
     /// Starts `nsbridge` on `127.0.0.1:0` against `database`, with `env` on top of the
     /// test defaults, and waits until it listens.
     pub async fn start(store: &TestStore, database: &str, env: &[(&str, &str)]) -> TestBridge {
+        TestBridge::launch(Command::new(env!("CARGO_BIN_EXE_nsbridge")), store, database, env).await
+    }
+
+    /// As [`TestBridge::start`], under `ulimit -n open_files` (soft and hard limits).
+    pub async fn start_with_open_files(
+        store: &TestStore,
+        database: &str,
+        env: &[(&str, &str)],
+        open_files: u32,
+    ) -> TestBridge {
+        let mut command = Command::new("sh");
+        command.args([
+            "-c",
+            &format!("ulimit -n {open_files} && exec \"$0\""),
+            env!("CARGO_BIN_EXE_nsbridge"),
+        ]);
+        TestBridge::launch(command, store, database, env).await
+    }
+
+    async fn launch(
+        mut command: Command,
+        store: &TestStore,
+        database: &str,
+        env: &[(&str, &str)],
+    ) -> TestBridge {
         let dir = tempfile::Builder::new()
             .prefix("nsbridge-bridge-")
             .tempdir()
             .unwrap();
         let log_path = dir.path().join("bridge.log");
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nsbridge"))
+        let child = command
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("MONGODB_URI", store.uri(database))
@@ -113,6 +138,10 @@ impl TestBridge {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
     }
 
     /// Sends a signal by name (`STOP`, `CONT`, ...).

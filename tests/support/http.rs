@@ -10,12 +10,21 @@ pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
 
 /// One HTTP/1.1 request with `Connection: close`: (status, body).
 pub async fn http_request(port: u16, method: &str, path: &str, body: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await?;
+    http_raw(port, &[request.as_bytes()]).await
+}
+
+/// Sends `parts` (a whole request with `Connection: close`, in as many writes) and reads
+/// the response to its end: (status, body).
+pub async fn http_raw(port: u16, parts: &[&[u8]]) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    for part in parts {
+        stream.write_all(part).await?;
+        stream.flush().await?;
+    }
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await?;
     let text = String::from_utf8_lossy(&response).into_owned();

@@ -3,6 +3,7 @@
 
 pub mod bridge;
 pub mod data;
+pub mod fuzzer;
 pub mod http;
 pub mod prometheus;
 pub mod puppet;

@@ -158,6 +158,21 @@ impl TestStore {
         child.wait().unwrap();
     }
 
+    /// Sends a signal by name (`STOP`, `CONT`, ...) to a store the tests started.
+    pub fn signal(&self, name: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .expect("only a store the tests started can be signalled")
+            .id()
+            .to_string();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name} {pid}");
+    }
+
     pub async fn restart(&mut self) {
         assert!(self.process.is_none(), "kill the store first");
         self.spawn().await;

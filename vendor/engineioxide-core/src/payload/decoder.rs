@@ -738,7 +738,10 @@ mod tests {
                         break item;
                     }
                 };
-                let _ = done_tx.send(matches!(first, Some(Err(PacketParseError::InvalidPacketLen))));
+                let _ = done_tx.send(matches!(
+                    first,
+                    Some(Err(PacketParseError::InvalidPacketLen))
+                ));
             });
             let rejected = done_rx
                 .recv_timeout(std::time::Duration::from_secs(5))
