@@ -4,20 +4,21 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::middleware::from_fn_with_state;
+use axum::middleware::from_fn;
 use nsbridge::auth::store::AuthStore;
 use nsbridge::channel::{Channel, ChannelConfig, transport};
+use nsbridge::delivery::DeliveryWindow;
 use nsbridge::feed::{Feed, FeedEvent};
 use nsbridge::http::{self, HttpState};
 use nsbridge::mapping::{Mapper, MappingRules};
 use nsbridge::net::Connections;
 use nsbridge::settings::{Settings, redact_uri};
-use nsbridge::telemetry::metric;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-/// Events between the change stream and the fan-out; the feed waits when it is full.
-const FEED_QUEUE: usize = 1024;
+/// Events handed from the change stream to the fan-out and not yet taken; the delivery
+/// window bounds what is in flight as a whole.
+const FEED_QUEUE: usize = 16;
 /// Clients and tasks get this long after SIGTERM; the MongoDB client a little more. The
 /// whole shutdown stays within 5 s.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(3500);
@@ -50,10 +51,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.mongo.pre_images,
     );
     let feed_status = feed.status();
+    let window = DeliveryWindow::new(settings.channel.max_events_in_flight);
     let (channel, socket_layer) = Channel::new(
         ChannelConfig {
             trusted_proxy: settings.auth.trusted_proxy,
-            queue_size: settings.channel.queue_size,
+            window: window.clone(),
+            slow_client_timeout: settings.channel.slow_client_timeout,
             throttle: settings.auth.throttle.clone(),
             ..ChannelConfig::default()
         },
@@ -72,8 +75,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         )),
         tokio::spawn(connections.clone().run_reaper(shutdown.clone())),
         tokio::spawn(auth_store.run(shutdown.clone())),
-        tokio::spawn(feed.run(events_tx, shutdown.clone())),
+        tokio::spawn(feed.run(events_tx, window, shutdown.clone())),
         tokio::spawn(channel.clone().follow_auth(shutdown.clone())),
+        tokio::spawn(channel.clone().watch_slow_clients(shutdown.clone())),
         tokio::spawn(fan_out(channel.clone(), events)),
     ];
 
@@ -93,7 +97,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         metrics: Some(metrics),
     })
     .layer(socket_layer)
-    .layer(from_fn_with_state(channel.sessions(), transport::guard));
+    .layer(from_fn(transport::guard));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
@@ -166,9 +170,8 @@ fn connection_limits(settings: &Settings) -> nsbridge::net::ConnectionLimits {
 }
 
 async fn fan_out(channel: Channel, mut events: mpsc::Receiver<FeedEvent>) {
-    while let Some(FeedEvent { event, received }) = events.recv().await {
-        channel.publish(&event);
-        metrics::histogram!(metric::FANOUT_DURATION).record(received.elapsed().as_secs_f64());
+    while let Some(event) = events.recv().await {
+        channel.publish(event);
     }
 }
 

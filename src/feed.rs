@@ -14,6 +14,7 @@ use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::delivery::{DeliveryWindow, Slot};
 use crate::mapping::{BridgeEvent, Decision, Mapper, ReopenReason};
 use crate::telemetry::metric;
 
@@ -24,11 +25,13 @@ const OPERATION_TYPES: [&str; 6] = ["insert", "update", "replace", "delete", "dr
 const CHANGE_STREAM_FATAL: i32 = 280;
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
 
-/// A bridge event and when its change event arrived (for the bridge's own latency).
-#[derive(Debug, Clone)]
+/// A bridge event, when its change event arrived (for the bridge's own latency), and
+/// its place in the delivery window.
+#[derive(Debug)]
 pub struct FeedEvent {
     pub event: BridgeEvent,
     pub received: Instant,
+    pub slot: Slot,
 }
 
 /// Whether the change stream is delivering, for readiness.
@@ -94,8 +97,14 @@ impl Feed {
     }
 
     /// Delivers bridge events in change-stream order until `shutdown` fires or the
-    /// receiver is gone. Errors are retried forever with capped exponential backoff.
-    pub async fn run(mut self, events: mpsc::Sender<FeedEvent>, shutdown: CancellationToken) {
+    /// receiver is gone, reading the stream no faster than `window` admits events. Errors
+    /// are retried forever with capped exponential backoff.
+    pub async fn run(
+        mut self,
+        events: mpsc::Sender<FeedEvent>,
+        window: DeliveryWindow,
+        shutdown: CancellationToken,
+    ) {
         let mut delay = self.backoff.initial;
         loop {
             let opened = tokio::select! {
@@ -121,7 +130,7 @@ impl Feed {
                     continue;
                 }
             };
-            match self.drain(stream, &events, &shutdown).await {
+            match self.drain(stream, &events, &window, &shutdown).await {
                 StreamEnd::Shutdown => return,
                 StreamEnd::Reopen => {
                     metrics::counter!(metric::STREAM_RESTARTS, "reason" => "reopen").increment(1);
@@ -165,6 +174,7 @@ impl Feed {
         &mut self,
         mut stream: ChangeStream<Document>,
         events: &mpsc::Sender<FeedEvent>,
+        window: &DeliveryWindow,
         shutdown: &CancellationToken,
     ) -> StreamEnd {
         loop {
@@ -190,7 +200,21 @@ impl Feed {
                     if let Some(wall) = event.wall_time_ms {
                         metrics::histogram!(metric::CHANGE_STREAM_LAG).record(lag_seconds(wall));
                     }
-                    if events.send(FeedEvent { event, received }).await.is_err() {
+                    // While the window is full the stream is not read: MongoDB holds the
+                    // backlog, and the resume token still points before it.
+                    let slot = tokio::select! {
+                        _ = shutdown.cancelled() => return StreamEnd::Shutdown,
+                        slot = window.admit() => slot,
+                    };
+                    if events
+                        .send(FeedEvent {
+                            event,
+                            received,
+                            slot,
+                        })
+                        .await
+                        .is_err()
+                    {
                         return StreamEnd::Shutdown;
                     }
                 }

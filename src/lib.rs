@@ -2,11 +2,12 @@
 //!
 //! Data flow: [`settings`] → [`feed`] (MongoDB change stream) → [`mapping`] (pure: change
 //! event → bridge event) → [`auth`] (tokens and permissions) → [`channel`] (Socket.IO
-//! fan-out) → [`http`] (health, metrics, live page); `main` wires them.
+//! fan-out, paced by the [`delivery`] window) → [`http`] (health, metrics, live page); `main` wires them.
 
 pub mod auth;
 pub mod channel;
 pub mod collections;
+pub mod delivery;
 pub mod feed;
 pub mod http;
 pub mod json_form;

@@ -59,7 +59,8 @@ pub struct Settings {
 
 #[derive(Debug, Clone)]
 pub struct ChannelSettings {
-    pub queue_size: usize,
+    pub max_events_in_flight: usize,
+    pub slow_client_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -138,7 +139,8 @@ struct RawConnections {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawChannel {
-    queue_size: usize,
+    max_events_in_flight: usize,
+    slow_client_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,7 +340,11 @@ impl Settings {
             ));
         }
         for (setting, value) in [
-            ("channel.queue_size", raw.channel.queue_size),
+            ("channel.max_events_in_flight", raw.channel.max_events_in_flight),
+            (
+                "channel.slow_client_timeout_secs",
+                raw.channel.slow_client_timeout_secs as usize,
+            ),
             ("connections.max", raw.connections.max),
             (
                 "connections.header_read_timeout_secs",
@@ -403,7 +409,8 @@ impl Settings {
                 },
             },
             channel: ChannelSettings {
-                queue_size: raw.channel.queue_size,
+                max_events_in_flight: raw.channel.max_events_in_flight,
+                slow_client_timeout: Duration::from_secs(raw.channel.slow_client_timeout_secs),
             },
             connections: ConnectionLimits {
                 max_connections: raw.connections.max,

@@ -23,6 +23,8 @@ pub mod metric {
     pub const AUTH_THROTTLED: &str = "nsbridge_auth_throttled_total";
     pub const SLOW_CLIENT_DISCONNECTS: &str = "nsbridge_slow_client_disconnects_total";
     pub const MONGO_REACHABLE: &str = "nsbridge_mongodb_reachable";
+    pub const EVENTS_IN_FLIGHT: &str = "nsbridge_events_in_flight";
+    pub const DELIVERY_WAIT: &str = "nsbridge_delivery_wait_seconds";
     pub const CONNECTIONS_OPEN: &str = "nsbridge_connections_open";
     pub const CONNECTION_LIMIT: &str = "nsbridge_connection_limit";
     pub const CONNECTIONS_REFUSED: &str = "nsbridge_connections_refused_total";
@@ -58,6 +60,10 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
                 0.025, 0.05, 0.1, 0.25, 1.0,
             ],
         )?
+        .set_buckets_for_metric(
+            Matcher::Full(DELIVERY_WAIT.into()),
+            &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+        )?
         .install_recorder()?;
     describe_gauge!(BUILD_INFO, "Always 1; the version label tells which build runs.");
     describe_counter!(
@@ -80,7 +86,7 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
     describe_histogram!(
         FANOUT_DURATION,
         Unit::Seconds,
-        "Time from a change event reaching the bridge to its last socket write."
+        "Time from a change event reaching the bridge until the last subscriber's transport has taken it."
     );
     describe_gauge!(
         SOCKETS_CONNECTED,
@@ -102,7 +108,7 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
     );
     describe_counter!(
         SLOW_CLIENT_DISCONNECTS,
-        "Clients disconnected because their queue was full."
+        "Clients disconnected because they stayed behind while others kept up."
     );
     describe_gauge!(
         MONGO_REACHABLE,

@@ -410,7 +410,7 @@ async fn revoked_permissions_and_deleted_subjects_stop_events_within_a_second() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected_and_others_get_everything() {
-    let s = Setup::start("compat_slow", &[("NSBRIDGE_CHANNEL__QUEUE_SIZE", "8")]).await;
+    let s = Setup::start("compat_slow", &[]).await;
     let mut puppet = Puppet::start().await;
     let url = s.bridge.url();
     let entries = json!({"accessToken": s.reader.token, "collections": ["entries"]});
@@ -636,36 +636,44 @@ async fn failed_subscribes_are_slowed_down_but_never_a_valid_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn socket_io_2_namespace_query_over_polling() {
+async fn socket_io_2_namespace_query_over_both_transports() {
     let s = Setup::start("compat_query", &[]).await;
     let mut puppet = Puppet::start().await;
     // socket.io-client 2.x sends the query inside CONNECT: `40/storage?client=follower,`.
-    let kind = ClientKind {
-        client: "v2",
-        websocket_only: false,
-    };
-    puppet
-        .open(
-            "query",
-            kind,
-            &s.bridge.url(),
-            &["/storage"],
-            json!({"query": {"client": "follower"}}),
-        )
-        .await;
-    puppet.expect_connected("query", "/storage").await;
-    let ack = puppet
-        .subscribe(
-            "query",
-            json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-        )
-        .await;
-    assert_eq!(ack, vec![json!({"success": true, "collections": ["entries"]})]);
+    let kinds = [MATRIX[0], MATRIX[1]];
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let id = id_of(i, kind);
+        puppet
+            .open(
+                &id,
+                kind,
+                &s.bridge.url(),
+                &["/storage"],
+                json!({"query": {"client": "follower"}}),
+            )
+            .await;
+        puppet.expect_connected(&id, "/storage").await;
+        let ack = puppet
+            .subscribe(
+                &id,
+                json!({"accessToken": s.reader.token, "collections": ["entries"]}),
+            )
+            .await;
+        assert_eq!(
+            ack,
+            vec![json!({"success": true, "collections": ["entries"]})],
+            "{id}"
+        );
+    }
     write_entry(&s.db, "sentinel", 0).await;
-    assert_eq!(
-        identifiers(&puppet.events_until("query", is_sentinel).await),
-        ["sentinel"]
-    );
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let id = id_of(i, kind);
+        assert_eq!(
+            identifiers(&puppet.events_until(&id, is_sentinel).await),
+            ["sentinel"],
+            "{id}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,9 +11,10 @@ use mongodb::Database;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 use mongodb::options::ReplaceOptions;
 use nsbridge::collections::CollectionNames;
+use nsbridge::delivery::DeliveryWindow;
 use nsbridge::feed::{Feed, FeedEvent, FeedStatus};
 use nsbridge::mapping::{Mapper, MappingRules, RelayMode};
-use support::data::now_ms;
+use support::data::{now_ms, write_entries};
 use support::store::TestStore;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +44,7 @@ async fn start_feed(db: &Database, relay: RelayMode) -> RunningFeed {
     let mut status = feed.status();
     let (tx, events) = mpsc::channel(1024);
     let shutdown = CancellationToken::new();
-    tokio::spawn(feed.run(tx, shutdown.clone()));
+    tokio::spawn(feed.run(tx, DeliveryWindow::new(1024), shutdown.clone()));
     tokio::time::timeout(
         Duration::from_secs(20),
         status.wait_for(|s| *s == FeedStatus::Open),
@@ -304,7 +305,7 @@ async fn configured_collection_names_are_watched_under_logical_names() {
     let mut status = feed.status();
     let (tx, mut events) = mpsc::channel(16);
     let shutdown = CancellationToken::new();
-    tokio::spawn(feed.run(tx, shutdown.clone()));
+    tokio::spawn(feed.run(tx, DeliveryWindow::new(16), shutdown.clone()));
     status.wait_for(|s| *s == FeedStatus::Open).await.unwrap();
 
     let now = now_ms();
@@ -330,5 +331,76 @@ async fn configured_collection_names_are_watched_under_logical_names() {
         .unwrap()
         .unwrap();
     assert!(second.event.payload_json().contains("sentinel"));
+    shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_read_no_faster_than_the_window_admits() {
+    let store = TestStore::start().await;
+    let client = store.client().await;
+    let db = client.database(&store.database("feed_window"));
+    let rules = MappingRules {
+        relay: RelayMode::Apiv3,
+        replace_window_ms: 60_000,
+        names: CollectionNames::default(),
+    };
+    let feed = Feed::new(
+        db.clone(),
+        Mapper::new(rules, NonZeroUsize::new(10).unwrap()),
+        false,
+    );
+    let mut status = feed.status();
+    let window = DeliveryWindow::new(3);
+    let (tx, mut events) = mpsc::channel(16);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(feed.run(tx, window.clone(), shutdown.clone()));
+    status.wait_for(|s| *s == FeedStatus::Open).await.unwrap();
+
+    let identifiers: Vec<String> = (0..10).map(|i| format!("w{i}")).collect();
+    let names: Vec<&str> = identifiers.iter().map(String::as_str).collect();
+    write_entries(&db, &names).await;
+    let next = |events: &mut mpsc::Receiver<FeedEvent>| events.try_recv().ok();
+    // Three events are admitted; the slots are held, as by sockets that have not written.
+    let mut held = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while held.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} events",
+            held.len()
+        );
+        if let Some(event) = next(&mut events) {
+            held.push(event);
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(next(&mut events).is_none(), "read past a full window");
+    assert_eq!(window.in_flight(), 3);
+    // The backlog stays in MongoDB and arrives, in order, as slots come back.
+    let identifier = |event: &FeedEvent| {
+        let json: serde_json::Value = serde_json::from_str(&event.event.payload_json()).unwrap();
+        json["doc"]["identifier"].as_str().unwrap().to_string()
+    };
+    let mut received = held.len();
+    let mut order = Vec::new();
+    while !held.is_empty() {
+        let event = held.remove(0);
+        order.push(identifier(&event));
+        drop(event);
+        if received < identifiers.len() {
+            let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
+                .await
+                .expect("a freed slot admits the next event")
+                .unwrap();
+            received += 1;
+            held.push(event);
+            assert!(window.in_flight() <= 3);
+        }
+    }
+    assert_eq!(order, identifiers);
+    // Readiness is not affected by the wait.
+    assert_eq!(*status.borrow(), FeedStatus::Open);
     shutdown.cancel();
 }

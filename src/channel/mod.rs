@@ -2,9 +2,11 @@
 //! bridge events to the rooms, and the protections Nightscout's channel lacks.
 
 pub mod rooms;
+pub mod slow;
 pub mod subscribe;
 pub mod transport;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use socketioxide::extract::{AckSender, SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
 use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::{DisconnectReason, Sid};
-use socketioxide::{ParserConfig, ProtocolVersion, SendError, SocketError, SocketIo, TransportType};
+use socketioxide::{ParserConfig, ProtocolVersion, SocketError, SocketIo};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AuthSnapshot;
@@ -23,12 +25,13 @@ use crate::auth::store::SnapshotReceiver;
 use crate::auth::throttle::{FailureThrottle, ThrottleConfig, client_address};
 use crate::auth::token::fingerprint;
 use crate::collections::Collection;
-use crate::mapping::BridgeEvent;
+use crate::delivery::{DeliveryWindow, encode};
+use crate::feed::FeedEvent;
 use crate::net::ConnectionInfo;
 use crate::telemetry::metric;
 use rooms::Rooms;
+use slow::{Observations, SlowClientRule};
 use subscribe::{Ack, Decision, Request, decide};
-use transport::Sessions;
 
 pub const NAMESPACE: &str = "/storage";
 
@@ -38,12 +41,18 @@ const WS_READ_BUFFER: usize = 1024;
 /// Nightscout's `maxHttpBufferSize`: the largest message a client may send, on any transport.
 const MAX_PAYLOAD: u64 = 1_000_000;
 
-#[derive(Debug, Clone)]
+/// Packets a socket's buffer holds beyond the delivery window: pings, acks, namespace
+/// packets. The window bounds the events in any buffer, so the buffer never fills.
+const BUFFER_HEADROOM: usize = 64;
+
+#[derive(Clone)]
 pub struct ChannelConfig {
     /// Take the client address from X-Forwarded-For (behind a trusted proxy only).
     pub trusted_proxy: bool,
-    /// Packets queued per connection before the client counts as unable to keep up.
-    pub queue_size: usize,
+    /// The events in flight between the change stream and the sockets.
+    pub window: DeliveryWindow,
+    /// How long a client may stay half a window behind while others keep up.
+    pub slow_client_timeout: Duration,
     pub throttle: ThrottleConfig,
     /// How long a subscribe waits for the auth data to be read at start-up.
     pub auth_wait: Duration,
@@ -53,7 +62,8 @@ impl Default for ChannelConfig {
     fn default() -> Self {
         ChannelConfig {
             trusted_proxy: false,
-            queue_size: 128,
+            window: DeliveryWindow::new(64),
+            slow_client_timeout: Duration::from_secs(5),
             throttle: ThrottleConfig::default(),
             auth_wait: Duration::from_secs(10),
         }
@@ -70,7 +80,8 @@ struct ChannelState {
     rooms: RwLock<Rooms<Sid, SocketRef>>,
     auth: SnapshotReceiver,
     throttle: FailureThrottle,
-    sessions: Arc<Sessions>,
+    window: DeliveryWindow,
+    slow_clients: SlowClientRule,
     trusted_proxy: bool,
     auth_wait: Duration,
 }
@@ -86,7 +97,7 @@ impl Channel {
             .ws_max_frame_size(MAX_PAYLOAD as usize)
             // Clients send little (pongs, a subscribe): a small read buffer per WebSocket.
             .ws_read_buffer_size(WS_READ_BUFFER)
-            .max_buffer_size(config.queue_size)
+            .max_buffer_size(config.window.size() + BUFFER_HEADROOM)
             // No client of this channel sends binary: refuse attachments outright.
             .with_parser(ParserConfig::common().max_incoming_binaries(0))
             .build_layer();
@@ -94,7 +105,11 @@ impl Channel {
             rooms: RwLock::new(Rooms::default()),
             auth,
             throttle: FailureThrottle::new(config.throttle),
-            sessions: Arc::new(Sessions::default()),
+            slow_clients: SlowClientRule {
+                threshold: (config.window.size() / 2).max(1),
+                timeout: config.slow_client_timeout,
+            },
+            window: config.window,
             trusted_proxy: config.trusted_proxy,
             auth_wait: config.auth_wait,
         });
@@ -124,37 +139,68 @@ impl Channel {
         (Channel { io, state }, layer)
     }
 
-    /// For the HTTP middleware in front of Socket.IO ([`transport::guard`]).
-    pub fn sessions(&self) -> Arc<Sessions> {
-        self.state.sessions.clone()
-    }
-
-    /// Sends one event to its collection's room. The payload is serialised once; a
-    /// socket whose queue is full is disconnected rather than silently skipped.
-    pub fn publish(&self, event: &BridgeEvent) {
-        // Serialised once here; each socket's packet only copies the text.
-        let payload =
-            serde_json::value::to_raw_value(&event.payload()).expect("JSON form of BSON always serialises");
-        let name = event.kind.name();
-        let mut slow = Vec::new();
+    /// Sends one event to its collection's room: encoded once, the same bytes queued to
+    /// every socket. The event's slot in the delivery window goes back when the last
+    /// socket has taken it.
+    pub fn publish(&self, event: FeedEvent) {
+        let FeedEvent {
+            event,
+            received,
+            slot,
+        } = event;
+        let packet = socketioxide_core::Value::Str(encode(NAMESPACE, &event, slot, received), None);
+        let mut full = Vec::new();
         let delivered = {
             let rooms = self.state.rooms.read().unwrap();
             let mut delivered = 0;
             for (_, socket) in rooms.room(event.collection) {
-                match socket.emit(name, &payload) {
+                match socket.emit_encoded(packet.clone()) {
                     Ok(()) => delivered += 1,
-                    Err(SendError::Socket(SocketError::InternalChannelFull)) => slow.push(socket.clone()),
+                    // Cannot happen while the window is smaller than the buffer; if it
+                    // does, the client is as far behind as any can be.
+                    Err(SocketError::InternalChannelFull) => full.push(socket.clone()),
                     // Closed: its disconnect handler removes it.
-                    Err(_) => {}
+                    Err(SocketError::Closed) => {}
                 }
             }
             delivered
         };
         let collection = event.collection.name();
+        let name = event.kind.name();
         metrics::counter!(metric::EVENTS_SENT, "collection" => collection, "type" => name).increment(1);
         metrics::counter!(metric::MESSAGES_DELIVERED, "collection" => collection).increment(delivered as u64);
-        for socket in slow {
-            self.state.disconnect_slow(&socket, event.collection);
+        for socket in full {
+            self.state.disconnect_slow(&socket, "its buffer is full");
+        }
+    }
+
+    /// Disconnects the clients that hold back delivery (see [`slow`]), until shut down.
+    pub async fn watch_slow_clients(self, shutdown: CancellationToken) {
+        let period =
+            (self.state.slow_clients.timeout / 5).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut observations = Observations::default();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            metrics::gauge!(metric::EVENTS_IN_FLIGHT).set(self.state.window.in_flight() as f64);
+            let (buffered, sockets): (Vec<(Sid, usize)>, HashMap<Sid, SocketRef>) = {
+                let rooms = self.state.rooms.read().unwrap();
+                rooms
+                    .members()
+                    .map(|(sid, socket)| ((*sid, socket.buffered()), (*sid, socket.clone())))
+                    .unzip()
+            };
+            let slow = observations.observe(self.state.slow_clients, Instant::now(), &buffered);
+            for sid in slow {
+                if let Some(socket) = sockets.get(&sid) {
+                    self.state
+                        .disconnect_slow(socket, "it stayed behind while others kept up");
+                }
+            }
         }
     }
 
@@ -204,7 +250,7 @@ impl ChannelState {
         }
     }
 
-    fn disconnect_slow(&self, socket: &SocketRef, collection: Collection) {
+    fn disconnect_slow(&self, socket: &SocketRef, why: &str) {
         let rooms = {
             let mut rooms = self.rooms.write().unwrap();
             let joined = rooms.rooms_of(socket.id);
@@ -213,20 +259,16 @@ impl ChannelState {
         };
         self.update_room_gauges();
         metrics::counter!(metric::SLOW_CLIENT_DISCONNECTS).increment(1);
-        let transport = socket.transport_type();
         tracing::warn!(
             sid = %socket.id,
-            ?transport,
-            %collection,
+            transport = ?socket.transport_type(),
+            buffered = socket.buffered(),
             rooms = ?rooms.iter().map(|c| c.name()).collect::<Vec<_>>(),
-            "client cannot keep up (queue full): disconnecting it so that it reconnects and re-syncs"
+            "client cannot keep up ({why}): closing its connection so that it reconnects and catches up"
         );
-        let handshake = socket.req_parts().extensions.get::<ConnectInfo<ConnectionInfo>>();
-        self.sessions.close(
-            socket.id,
-            handshake.map(|c| &c.0),
-            transport == TransportType::Websocket,
-        );
+        // Its transport closes: the client reconnects, which a namespace disconnect would
+        // not make it do.
+        socket.close_connection();
     }
 
     fn client_address(&self, socket: &SocketRef) -> IpAddr {
@@ -272,7 +314,6 @@ fn connected(state: &Arc<ChannelState>, socket: &SocketRef) {
         if ns == NAMESPACE && state.rooms.write().unwrap().remove(socket.id) {
             state.update_room_gauges();
         }
-        state.sessions.ended(socket.id);
         tracing::info!(sid = %socket.id, namespace = ns, ?reason, "client disconnected");
     });
 }

@@ -93,6 +93,14 @@ impl<K: Copy + Eq + Hash, S: Clone> Rooms<K, S> {
             .collect()
     }
 
+    /// Each socket in at least one room, once.
+    pub fn members(&self) -> impl Iterator<Item = (&K, &S)> {
+        self.members.iter().filter_map(|(key, grants)| {
+            let room = grants.0.iter().position(Option::is_some)?;
+            self.rooms[room].get_key_value(key)
+        })
+    }
+
     /// Sockets in at least one room.
     pub fn len(&self) -> usize {
         self.members.len()
@@ -137,6 +145,9 @@ mod tests {
         assert_eq!(members(&rooms, Entries), [1, 2]);
         assert_eq!(rooms.room_len(Treatments), 1);
         assert_eq!(rooms.len(), 2);
+        let mut everyone: Vec<(u32, &str)> = rooms.members().map(|(k, s)| (*k, *s)).collect();
+        everyone.sort();
+        assert_eq!(everyone, [(1, "s1"), (2, "s2")]);
         assert!(rooms.remove(1));
         assert!(!rooms.remove(1));
         assert_eq!(members(&rooms, Entries), [2]);

@@ -99,7 +99,13 @@ impl<H: EngineIoHandler> EngineIo<H> {
             // channel so that `Socket::closed` resolves and no more packets can be buffered.
             // When no transport holds the lock (e.g. polling between requests) this resolves
             // immediately.
-            socket.internal_rx.lock().await.buffered_rx.close();
+            let mut internal_rx = socket.internal_rx.lock().await;
+            internal_rx.buffered_rx.close();
+            // No transport will send what is still buffered: free it now rather than with
+            // the socket, which its handlers may keep for a while.
+            while internal_rx.buffered_rx.try_recv().is_ok() {}
+            internal_rx.peeked_packet = None;
+            drop(internal_rx);
 
             #[cfg(feature = "tracing")]
             tracing::debug!(sid = %socket.id, "session closed, notifying handler");

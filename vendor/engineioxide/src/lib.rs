@@ -23,5 +23,6 @@ pub mod sid {
 
 mod body;
 mod engine;
+mod queue;
 mod errors;
 mod transport;

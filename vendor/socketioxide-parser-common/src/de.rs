@@ -70,16 +70,25 @@ fn read_attachments(reader: &mut Cursor<&str>) -> Option<usize> {
 
 fn read_nsp(reader: &mut Cursor<&str>, data: &Str) -> Str {
     let start_index = reader.position() as usize;
+    // socket.io-client 2.x appends the query to the namespace of its CONNECT packet
+    // (`0/custom?token=abc,`). The query is not part of the namespace, and socket.io 3.1.1+
+    // drops it, so the namespace ends at a `?`.
+    let mut query_index = None;
     loop {
         match reader.has_remaining().then(|| reader.get_u8()) {
             Some(b',') => {
-                break data.slice(start_index..reader.position() as usize - 1);
+                let end = reader.position() as usize - 1;
+                break data.slice(start_index..query_index.unwrap_or(end));
             }
             // It maybe possible depending on clients that ns does not end with a comma
             // if it is the end of the packet
             // e.g `1/custom`
             None => {
-                break data.slice(start_index..reader.position() as usize);
+                let end = reader.position() as usize;
+                break data.slice(start_index..query_index.unwrap_or(end));
+            }
+            Some(b'?') if query_index.is_none() => {
+                query_index = Some(reader.position() as usize - 1);
             }
             Some(_) => (),
         }

@@ -266,6 +266,17 @@ mod test {
     }
 
     #[test]
+    fn packet_decode_connect_with_query() {
+        // socket.io-client 2.x puts the query of the namespace in its CONNECT packet.
+        let packet = decode("0/admin™?token=abc&x=?,".to_string());
+        assert_eq!(Packet::connect("/admin™", None), packet);
+        let packet = decode("0/admin?token=abc".to_string());
+        assert_eq!(Packet::connect("/admin", None), packet);
+        let packet = decode("2/admin?x=1,[\"event\"]".to_string());
+        assert_eq!(packet.ns, "/admin");
+    }
+
+    #[test]
     fn packet_encode_connect() {
         let sid = Sid::new();
         let value = to_connect_value(&ConnectPacket { sid });

@@ -671,6 +671,44 @@ impl<A: Adapter> Socket<A> {
         Ok(())
     }
 
+    /// # Close the underlying connection.
+    ///
+    /// As Node's `socket.disconnect(true)`: the Engine.IO session this socket runs on is
+    /// closed, with every namespace multiplexed on it, and the client sees its transport
+    /// close, which makes it reconnect (a namespace disconnect does not). The disconnect
+    /// handlers are called with [`DisconnectReason::ClosingServer`].
+    ///
+    /// Unlike [`Socket::disconnect`], it does not need room in the socket's buffer: it is
+    /// the way to part with a client that does not read what it is sent.
+    pub fn close_connection(&self) {
+        self.esocket.close(EIoDisconnectReason::ClosingServer);
+    }
+
+    /// # Get the number of packets waiting to be sent to the client.
+    ///
+    /// They wait in the buffer of the Engine.IO session this socket runs on (shared with
+    /// the other namespaces of the connection), bounded by
+    /// [`SocketIoBuilder::max_buffer_size`](crate::SocketIoBuilder::max_buffer_size).
+    /// A client that reads slower than the server writes to it sees this number grow.
+    pub fn buffered(&self) -> usize {
+        self.esocket.buffered()
+    }
+
+    /// # Emit a packet already encoded.
+    ///
+    /// Sends `value`, a packet as this socket's parser encodes it. Encoding a packet once
+    /// and emitting the same value to many sockets shares its bytes between their buffers,
+    /// where [`Socket::emit`] serializes the data for each socket.
+    ///
+    /// The value is not checked: it must be a packet of this socket's namespace, encoded
+    /// by the parser the server is configured with.
+    pub fn emit_encoded(&self, value: Value) -> Result<(), SocketError> {
+        if !self.connected() {
+            return Err(SocketError::Closed);
+        }
+        self.send_raw(value)
+    }
+
     /// # Get the request info made by the client to connect.
     ///
     /// It might be used to retrieve the [`http::Extensions`]

@@ -4,7 +4,7 @@
 //! Other functions are used internally to handle the websocket connection through tasks and channels
 //! and to handle upgrade from polling to ws
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use futures_util::{
     SinkExt, StreamExt, TryStreamExt,
@@ -273,10 +273,15 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
         ..
     } = &mut *internal_rx;
 
+    // Set while a write waits on the client: a client that does not read makes it wait
+    // for ever, and the session's cancellation must still end the writer.
+    let writing = std::sync::atomic::AtomicBool::new(false);
+
     // map a packet to a websocket message
     // It is declared as a macro rather than a closure to avoid ownership issues
     macro_rules! map_fn {
             ($item:ident) => {
+                writing.store(true, Ordering::Relaxed);
                 let res = match $item {
                     Packet::Binary(bin) | Packet::BinaryV3(bin) => {
                         if socket.protocol == ProtocolVersion::V3 {
@@ -299,6 +304,7 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
                         tx.feed(Message::Text(packet.into())).await
                     }
                 };
+                writing.store(false, Ordering::Relaxed);
                 if let Err(_e) = res {
                     #[cfg(feature = "tracing")]
                     tracing::debug!("[sid={}] error sending packet: {}", socket.id, _e);
@@ -306,41 +312,55 @@ async fn forward_to_socket<H: EngineIoHandler, S>(
             };
         }
 
-    // Forward buffered packets until the channel is closed or the session is cancelled.
-    loop {
-        tokio::select! {
-            biased;
-            items = buffered_rx.recv() => {
-                match items {
-                    Some(packets) => {
-                        for item in packets {
-                            map_fn!(item);
-                        }
-                        while let Ok(packets) = buffered_rx.try_recv() {
+    // Forward buffered packets until the channel is closed or the session is cancelled,
+    // whatever the writer is waiting on.
+    async {
+        loop {
+            tokio::select! {
+                biased;
+                items = buffered_rx.recv() => {
+                    match items {
+                        Some(packets) => {
                             for item in packets {
                                 map_fn!(item);
                             }
+                            while let Ok(packets) = buffered_rx.try_recv() {
+                                for item in packets {
+                                    map_fn!(item);
+                                }
+                            }
+                        }
+                        None => break
+                    }
+                }
+                Ok(()) = volatile_rx.changed() => {
+                    let val = volatile_rx.borrow_and_update().clone();
+                    if let Some(packets) = val {
+                        #[cfg(feature = "tracing")]
+                        tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
+                        for item in packets {
+                            map_fn!(item);
                         }
                     }
-                    None => break
-                }
+                },
             }
-            _ = socket.cancellation_token.cancelled() => break,
-            Ok(()) = volatile_rx.changed() => {
-                let val = volatile_rx.borrow_and_update().clone();
-                if let Some(packets) = val {
-                    #[cfg(feature = "tracing")]
-                    tracing::debug!(sid = ?socket.id, "ws volatile flush: {} packets", packets.len());
-                    for item in packets {
-                        map_fn!(item);
-                    }
-                }
-            },
-        }
 
+            #[cfg(feature = "tracing")]
+            tracing::trace!(sid = %socket.id, "ws flush");
+            writing.store(true, Ordering::Relaxed);
+            tx.flush().await.ok();
+            writing.store(false, Ordering::Relaxed);
+        }
+    }
+    .with_cancellation_token(&socket.cancellation_token)
+    .await;
+
+    if writing.load(Ordering::Relaxed) {
+        // The client stopped reading: a closing flush would wait for ever. Dropping the
+        // sink (with the reader, which the cancellation ended) closes the connection.
         #[cfg(feature = "tracing")]
-        tracing::trace!(sid = %socket.id, "ws flush");
-        tx.flush().await.ok();
+        tracing::debug!(sid = %socket.id, "ws writer cancelled while the client was not reading");
+        return;
     }
 
     #[cfg(feature = "tracing")]
