@@ -8,3 +8,4 @@ pub mod http;
 pub mod prometheus;
 pub mod puppet;
 pub mod store;
+pub mod ws;

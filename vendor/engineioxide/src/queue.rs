@@ -141,9 +141,7 @@ impl<T> Sender<T> {
             return Err(TrySendError::Full(()));
         }
         state.reserved += 1;
-        Ok(Permit {
-            shared: &self.shared,
-        })
+        Ok(Permit { shared: &self.shared })
     }
 
     /// Items waiting to be received.
