@@ -1,14 +1,19 @@
-//! nsbridge against Nightscout's Node channel, side by side on one store and one load.
+//! nsbridge against Nightscout's Node channel, side by side on one store and one load,
+//! both with their default settings.
 //!
 //! Run it with `scripts/bench` (which builds both, installs the Node peer and the test
 //! store); see BENCHMARKS.md for what it measures and the figures of this machine.
 //!
-//! For each number of subscribers, each server in turn (alternating which goes first):
-//! start it, open and subscribe the clients (set-up rate), let them idle (resident memory
-//! per connection), write at a steady rate (write → client latency, the server's own
-//! share, losses), then write a burst (delivered messages per second, server CPU time per
-//! delivered message). Runs are repeated and the medians reported, with nsbridge/Node
-//! ratios: the machine is shared and noisy, ratios within one run are what compare.
+//! Each scenario is a number of subscribers and a burst: one `insert_many` of that many
+//! APIv3-shaped entries, as an uploader's backlog after a dead zone. For each scenario,
+//! each server in turn (alternating which goes first): start it, open and subscribe the
+//! clients (set-up rate), let them idle (resident memory per connection), write at a
+//! steady pace (write → client latency, the server's own share), write the burst
+//! (delivered messages per second, latency of the burst's messages, server CPU time per
+//! delivered message), then write at a steady pace again: every message must arrive and
+//! no client may be disconnected. Runs are repeated and the medians reported, with
+//! nsbridge/Node ratios: the machine is shared and noisy, ratios within one run are what
+//! compare.
 //!
 //! The clients are raw Engine.IO 4 over WebSocket in this one process, on one thread, so
 //! that they cost less than the server they measure; their own CPU time is reported.
@@ -21,15 +26,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::{SinkExt, StreamExt};
 use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 
 #[path = "../tests/support/http.rs"]
 mod http;
+#[path = "../tests/support/ws.rs"]
+#[allow(dead_code)]
+mod ws;
 use http::http_get;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_tungstenite::tungstenite::Message;
+use ws::WsSubscriber;
 
 const API_SECRET: &str = "benchmark secret phrase";
 const DATABASE: &str = "bench";
@@ -39,47 +46,79 @@ const CONNECT_CONCURRENCY: usize = 200;
 const SERVER_CPU: &str = "0";
 const LOAD_CPU: &str = "1";
 
+/// Subscribers and the size of the burst written to them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Scenario {
+    subscribers: usize,
+    burst: usize,
+}
+
+impl std::fmt::Display for Scenario {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} subscribers × a {}-document burst",
+            self.subscribers, self.burst
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Args {
-    subscribers: Vec<usize>,
+    scenarios: Vec<Scenario>,
     repeats: usize,
     servers: Vec<ServerKind>,
-    latency_secs: u64,
+    /// Steady phases: writes per second and seconds, before and after the burst.
     rate: u32,
-    /// Deliveries aimed at in the burst phase (writes = this / subscribers, bounded).
-    burst_deliveries: usize,
+    steady_secs: u64,
     markdown: Option<PathBuf>,
-    /// Server on CPU 0, load generator and store on CPU 1 (when there are two or more).
+    /// Server on CPU 0, load generator and store on CPU 1; off by default, as deployed.
     pin: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
-        subscribers: vec![100, 1_000, 10_000],
+        scenarios: vec![
+            Scenario {
+                subscribers: 1_000,
+                burst: 300,
+            },
+            Scenario {
+                subscribers: 100,
+                burst: 3_000,
+            },
+            Scenario {
+                subscribers: 10_000,
+                burst: 30,
+            },
+        ],
         repeats: 3,
         servers: vec![ServerKind::Nsbridge, ServerKind::Node],
-        latency_secs: 10,
         rate: 10,
-        burst_deliveries: 1_000_000,
+        steady_secs: 10,
         markdown: None,
-        pin: std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+        pin: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or(format!("{flag} needs a value"));
         match flag.as_str() {
-            "--subscribers" => {
-                args.subscribers = value()?
+            "--scenarios" => {
+                args.scenarios = value()?
                     .split(',')
-                    .map(|n| n.trim().parse().map_err(|_| format!("bad --subscribers {n}")))
-                    .collect::<Result<_, _>>()?
+                    .map(|s| {
+                        let (subscribers, burst) =
+                            s.trim().split_once('x').ok_or(format!("bad scenario {s}"))?;
+                        Ok(Scenario {
+                            subscribers: subscribers.parse().map_err(|_| format!("bad scenario {s}"))?,
+                            burst: burst.parse().map_err(|_| format!("bad scenario {s}"))?,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?
             }
             "--repeats" => args.repeats = value()?.parse().map_err(|_| "bad --repeats")?,
-            "--latency-secs" => args.latency_secs = value()?.parse().map_err(|_| "bad --latency-secs")?,
             "--rate" => args.rate = value()?.parse().map_err(|_| "bad --rate")?,
-            "--burst-deliveries" => {
-                args.burst_deliveries = value()?.parse().map_err(|_| "bad --burst-deliveries")?
-            }
+            "--steady-secs" => args.steady_secs = value()?.parse().map_err(|_| "bad --steady-secs")?,
             "--servers" => {
                 args.servers = value()?
                     .split(',')
@@ -91,12 +130,13 @@ fn parse_args() -> Result<Args, String> {
                     .collect::<Result<_, _>>()?
             }
             "--markdown" => args.markdown = Some(PathBuf::from(value()?)),
-            "--no-pin" => args.pin = false,
+            "--pin" => args.pin = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
             "-h" | "--help" => {
-                return Err("usage: bench [--subscribers 100,1000,10000] [--repeats 3] \
-                    [--servers nsbridge,node] [--latency-secs 10] [--rate 10] \
-                    [--burst-deliveries 1000000] [--markdown FILE] [--no-pin]"
-                    .into());
+                return Err(
+                    "usage: bench [--scenarios 1000x300,100x3000,10000x30] [--repeats 3] \
+                    [--servers nsbridge,node] [--rate 10] [--steady-secs 10] [--markdown FILE] [--pin]"
+                        .into(),
+                );
             }
             other => return Err(format!("unknown argument {other}")),
         }
@@ -223,12 +263,10 @@ impl Server {
         };
         let mut command = match kind {
             ServerKind::Nsbridge => {
+                // The default settings, as users get them.
                 let mut c = program(repo().join("target/release/nsbridge"));
-                // A queue as deep as Node's (unbounded) buffers: the burst would otherwise
-                // cut off clients of this one-thread load generator, by design.
                 c.env("NSBRIDGE_LISTEN", format!("127.0.0.1:{port}"))
-                    .env("NSBRIDGE_LOG__LEVEL", "warn")
-                    .env("NSBRIDGE_CHANNEL__QUEUE_SIZE", "65536");
+                    .env("NSBRIDGE_LOG__LEVEL", "warn");
                 c
             }
             ServerKind::Node => {
@@ -282,7 +320,10 @@ impl Server {
 
     async fn reset_own_share(&self) -> OwnShare {
         match self.kind {
-            ServerKind::Nsbridge => OwnShare::Histogram(fanout_buckets(self.port).await),
+            ServerKind::Nsbridge => OwnShare::Histograms {
+                fanout: buckets(self.port, FANOUT).await,
+                delivery: buckets(self.port, DELIVERY).await,
+            },
             ServerKind::Node => {
                 let _ = http_get(self.port, "/stats?reset=1").await;
                 OwnShare::Reset
@@ -290,32 +331,39 @@ impl Server {
         }
     }
 
-    /// p50 and p99 of the server's own share (change event in → last socket write), ms.
-    async fn own_share(&self, since: &OwnShare) -> (f64, f64) {
+    /// p50 and p99 of the server's own share (change event in → queued to the last
+    /// socket), and for nsbridge of the time until every socket's transport took it, ms.
+    async fn own_share(&self, since: &OwnShare) -> [f64; 4] {
         match (self.kind, since) {
-            (ServerKind::Nsbridge, OwnShare::Histogram(before)) => {
-                let after = fanout_buckets(self.port).await;
-                let delta: Vec<(f64, f64)> = after
-                    .iter()
-                    .map(|(le, count)| {
-                        (
-                            *le,
-                            count - before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c),
-                        )
-                    })
-                    .collect();
-                (
-                    bucket_quantile(&delta, 0.5) * 1000.0,
-                    bucket_quantile(&delta, 0.99) * 1000.0,
-                )
+            (ServerKind::Nsbridge, OwnShare::Histograms { fanout, delivery }) => {
+                let quantiles = |before: &[(f64, f64)], after: Vec<(f64, f64)>| {
+                    let delta: Vec<(f64, f64)> = after
+                        .iter()
+                        .map(|(le, count)| {
+                            (
+                                *le,
+                                count - before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c),
+                            )
+                        })
+                        .collect();
+                    (
+                        bucket_quantile(&delta, 0.5) * 1000.0,
+                        bucket_quantile(&delta, 0.99) * 1000.0,
+                    )
+                };
+                let (fanout_p50, fanout_p99) = quantiles(fanout, buckets(self.port, FANOUT).await);
+                let (delivery_p50, delivery_p99) = quantiles(delivery, buckets(self.port, DELIVERY).await);
+                [fanout_p50, fanout_p99, delivery_p50, delivery_p99]
             }
             _ => {
                 let (_, body) = http_get(self.port, "/stats").await.unwrap();
                 let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
-                (
+                [
                     stats["fanout_ms"]["p50"].as_f64().unwrap_or(f64::NAN),
                     stats["fanout_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
-                )
+                    f64::NAN,
+                    f64::NAN,
+                ]
             }
         }
     }
@@ -337,9 +385,15 @@ impl Server {
 }
 
 enum OwnShare {
-    Histogram(Vec<(f64, f64)>),
+    Histograms {
+        fanout: Vec<(f64, f64)>,
+        delivery: Vec<(f64, f64)>,
+    },
     Reset,
 }
+
+const FANOUT: &str = "nsbridge_fanout_duration_seconds";
+const DELIVERY: &str = "nsbridge_delivery_duration_seconds";
 
 /// CPU time of every thread of a process, from the scheduler (nanoseconds).
 fn process_cpu_ns(pid: u32) -> u64 {
@@ -352,10 +406,12 @@ fn process_cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-async fn fanout_buckets(port: u16) -> Vec<(f64, f64)> {
+/// The cumulative buckets of histogram `name` on the bridge's /metrics.
+async fn buckets(port: u16, name: &str) -> Vec<(f64, f64)> {
     let (_, text) = http_get(port, "/metrics").await.unwrap();
+    let prefix = format!("{name}_bucket{{le=\"");
     text.lines()
-        .filter_map(|l| l.strip_prefix("nsbridge_fanout_duration_seconds_bucket{le=\""))
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
             let le = if le == "+Inf" {
@@ -397,12 +453,19 @@ fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
 
 // --------------------------------------------------------------------- the load
 
-/// What the clients saw, per phase (`p` field of the written documents).
+/// The phases of a run, as written in each document's `p` field.
+const STEADY: usize = 1;
+const BURST: usize = 2;
+const AFTER: usize = 3;
+
+/// What the clients saw, per phase.
 #[derive(Default)]
 struct Recorder {
-    received: [AtomicU64; 3],
-    /// Write → client latencies of the steady phase, µs.
-    latencies: Mutex<Vec<u32>>,
+    received: [AtomicU64; 4],
+    /// Write → client latencies, µs, of the steady and burst phases.
+    latencies: [Mutex<Vec<u32>>; 4],
+    /// When the last message of each phase arrived, µs since the epoch.
+    last_arrival: [AtomicU64; 4],
     disconnected: AtomicU64,
 }
 
@@ -411,17 +474,29 @@ impl Recorder {
         let Some(phase) = number_after(text, "\"p\":") else {
             return;
         };
-        let phase = (phase as usize).min(2);
+        let phase = (phase as usize).min(AFTER);
+        let now = now_us();
         self.received[phase].fetch_add(1, Ordering::Relaxed);
-        if phase == 1
+        self.last_arrival[phase].fetch_max(now, Ordering::Relaxed);
+        if (phase == STEADY || phase == BURST)
             && let Some(t0) = number_after(text, "\"t0\":")
         {
-            let latency = now_us().saturating_sub(t0);
-            self.latencies
+            let latency = now.saturating_sub(t0);
+            self.latencies[phase]
                 .lock()
                 .unwrap()
                 .push(latency.min(u32::MAX as u64) as u32);
         }
+    }
+
+    fn latency_quantiles(&self, phase: usize) -> (f64, f64, f64) {
+        let mut latencies = std::mem::take(&mut *self.latencies[phase].lock().unwrap());
+        if latencies.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
+        latencies.sort_unstable();
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0;
+        (at(0.5), at(0.99), at(1.0))
     }
 }
 
@@ -432,7 +507,7 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
     digits[..end].parse().ok()
 }
 
-/// One subscribed client: Engine.IO 4 over WebSocket, spoken raw.
+/// One subscribed client, recording every event until its connection ends.
 async fn client(
     port: u16,
     token: Arc<str>,
@@ -441,46 +516,15 @@ async fn client(
     ready: mpsc::Sender<bool>,
 ) {
     let permit = gate.acquire_owned().await.unwrap();
-    let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
-    let Ok((mut ws, _)) = tokio_tungstenite::connect_async(url).await else {
+    let subscriber = WsSubscriber::connect(port, &token, &["entries"]).await;
+    drop(permit);
+    let Ok(mut subscriber) = subscriber else {
         let _ = ready.send(false).await;
         return;
     };
-    let mut subscribed = false;
-    let _ = ws.send(Message::text("40/storage,")).await;
-    while let Some(Ok(message)) = ws.next().await {
-        let Message::Text(text) = message else { continue };
-        let text = text.as_str();
-        if text == "2" {
-            let _ = ws.send(Message::text("3")).await;
-        } else if text.starts_with("42/storage,") {
-            recorder.on_event(text);
-        } else if text.starts_with("40/storage,") {
-            let subscribe =
-                format!(r#"42/storage,0["subscribe",{{"accessToken":"{token}","collections":["entries"]}}]"#);
-            let _ = ws.send(Message::text(subscribe)).await;
-        } else if text.starts_with("43/storage,0") && !subscribed {
-            subscribed = text.contains("\"success\":true");
-            let _ = ready.send(subscribed).await;
-            drop(permit);
-            if !subscribed {
-                return;
-            }
-            break;
-        }
-    }
-    if !subscribed {
-        return;
-    }
-    while let Some(Ok(message)) = ws.next().await {
-        match message {
-            Message::Text(text) if text.as_str() == "2" => {
-                let _ = ws.send(Message::text("3")).await;
-            }
-            Message::Text(text) => recorder.on_event(text.as_str()),
-            Message::Close(_) => break,
-            _ => {}
-        }
+    let _ = ready.send(true).await;
+    while let Some(event) = subscriber.next_event().await {
+        recorder.on_event(&event);
     }
     recorder.disconnected.fetch_add(1, Ordering::Relaxed);
 }
@@ -491,25 +535,49 @@ async fn client(
 struct RunResult {
     setup_rate: f64,
     rss_per_conn_kib: f64,
-    latency_p50_ms: f64,
-    latency_p99_ms: f64,
+    steady_p50_ms: f64,
+    steady_p99_ms: f64,
     own_p50_ms: f64,
     own_p99_ms: f64,
-    steady_losses: i64,
+    written_p50_ms: f64,
+    written_p99_ms: f64,
     burst_msgs_per_s: f64,
     burst_cpu_us_per_msg: f64,
-    burst_losses: i64,
+    burst_p50_ms: f64,
+    burst_p99_ms: f64,
+    burst_max_ms: f64,
+    lost: i64,
+    disconnected: u64,
     loadgen_cpu_us_per_msg: f64,
+}
+
+/// Writes `count` APIv3-shaped entries of `phase`, one every `1 / rate` s.
+async fn paced_writes(entries: &mongodb::Collection<Document>, phase: usize, count: u64, rate: u32) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    for i in 0..count {
+        tick.tick().await;
+        let t0 = now_us() as i64;
+        entries
+            .insert_one(entry(format!("p{phase}-{i}"), phase, t0))
+            .await
+            .unwrap();
+    }
+}
+
+fn entry(identifier: String, phase: usize, t0: i64) -> Document {
+    doc! { "identifier": identifier, "p": phase as i32, "t0": t0, "type": "sgv", "sgv": 100, "date": t0 / 1000,
+    "srvModified": t0 / 1000, "srvCreated": t0 / 1000 }
 }
 
 async fn run_one(
     kind: ServerKind,
-    n: usize,
+    scenario: Scenario,
     store: &Store,
     token: &Arc<str>,
     db: &mongodb::Database,
     args: &Args,
 ) -> RunResult {
+    let n = scenario.subscribers;
     let server = Server::start(kind, &store.uri_base, args.pin).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.rss_kib();
@@ -547,53 +615,51 @@ async fn run_one(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = server.rss_kib();
 
-    // Steady writes, latency.
-    let own_since = server.reset_own_share().await;
-    let writes = args.latency_secs * args.rate as u64;
+    // Steady writes: latency and the server's own share.
     let entries = db.collection::<Document>("entries");
-    let mut tick = tokio::time::interval(Duration::from_secs(1) / args.rate);
-    for i in 0..writes {
-        tick.tick().await;
-        let t0 = now_us() as i64;
-        entries
-            .insert_one(doc! { "identifier": format!("lat-{i}"), "p": 1, "t0": t0, "sgv": 100, "srvModified": t0 / 1000, "srvCreated": t0 / 1000 })
-            .await
-            .unwrap();
-    }
-    let expected = writes * n as u64;
-    wait_for(&recorder, 1, expected, Duration::from_secs(10)).await;
-    let (own_p50, own_p99) = server.own_share(&own_since).await;
-    let mut latencies = std::mem::take(&mut *recorder.latencies.lock().unwrap());
-    latencies.sort_unstable();
-    let percentile = |q: f64| -> f64 {
-        if latencies.is_empty() {
-            return f64::NAN;
-        }
-        latencies[((latencies.len() - 1) as f64 * q).round() as usize] as f64 / 1000.0
-    };
-    let steady_losses = expected as i64 - recorder.received[1].load(Ordering::Relaxed) as i64;
+    let own_since = server.reset_own_share().await;
+    let steady_writes = args.steady_secs * args.rate as u64;
+    paced_writes(&entries, STEADY, steady_writes, args.rate).await;
+    wait_for(
+        &recorder,
+        STEADY,
+        steady_writes * n as u64,
+        Duration::from_secs(10),
+    )
+    .await;
+    let [own_p50, own_p99, written_p50, written_p99] = server.own_share(&own_since).await;
+    let (steady_p50, steady_p99, _) = recorder.latency_quantiles(STEADY);
 
-    // Burst, throughput and CPU.
-    let burst_writes = (args.burst_deliveries / n).clamp(20, 5_000);
-    let burst_expected = (burst_writes * n) as u64;
+    // The burst: one insert_many.
     let cpu_before = server.cpu_ns();
     let loadgen_before = process_cpu_ns(std::process::id());
-    let burst_started = Instant::now();
-    let docs: Vec<Document> = (0..burst_writes)
-        .map(|i| {
-            let t0 = now_us() as i64;
-            doc! { "identifier": format!("burst-{i}"), "p": 2, "t0": t0, "sgv": 100, "srvModified": t0 / 1000, "srvCreated": t0 / 1000 }
-        })
+    let t0 = now_us();
+    let documents: Vec<Document> = (0..scenario.burst)
+        .map(|i| entry(format!("burst-{i}"), BURST, t0 as i64))
         .collect();
-    for chunk in docs.chunks(100) {
-        entries.insert_many(chunk.to_vec()).await.unwrap();
-    }
-    wait_for(&recorder, 2, burst_expected, Duration::from_secs(120)).await;
-    let burst_elapsed = burst_started.elapsed();
-    let burst_received = recorder.received[2].load(Ordering::Relaxed);
+    entries.insert_many(documents).await.unwrap();
+    let burst_expected = (scenario.burst * n) as u64;
+    wait_for(&recorder, BURST, burst_expected, Duration::from_secs(30)).await;
     let cpu_used = server.cpu_ns() - cpu_before;
     let loadgen_used = process_cpu_ns(std::process::id()) - loadgen_before;
+    let burst_received = recorder.received[BURST].load(Ordering::Relaxed);
+    let burst_elapsed_us = recorder.last_arrival[BURST]
+        .load(Ordering::Relaxed)
+        .saturating_sub(t0)
+        .max(1);
+    let (burst_p50, burst_p99, burst_max) = recorder.latency_quantiles(BURST);
 
+    // Steady again: the channel still delivers to everyone.
+    let after_writes = (args.rate as u64 * 2).max(10);
+    paced_writes(&entries, AFTER, after_writes, args.rate).await;
+    wait_for(&recorder, AFTER, after_writes * n as u64, Duration::from_secs(10)).await;
+
+    let expected = (steady_writes + after_writes) * n as u64 + burst_expected;
+    let received: u64 = [STEADY, BURST, AFTER]
+        .iter()
+        .map(|&p| recorder.received[p].load(Ordering::Relaxed))
+        .sum();
+    let disconnected = recorder.disconnected.load(Ordering::Relaxed);
     for task in tasks {
         task.abort();
     }
@@ -601,14 +667,19 @@ async fn run_one(
     RunResult {
         setup_rate: n as f64 / setup.as_secs_f64(),
         rss_per_conn_kib: rss_after.saturating_sub(rss_before) as f64 / n as f64,
-        latency_p50_ms: percentile(0.5),
-        latency_p99_ms: percentile(0.99),
+        steady_p50_ms: steady_p50,
+        steady_p99_ms: steady_p99,
         own_p50_ms: own_p50,
         own_p99_ms: own_p99,
-        steady_losses,
-        burst_msgs_per_s: burst_received as f64 / burst_elapsed.as_secs_f64(),
+        written_p50_ms: written_p50,
+        written_p99_ms: written_p99,
+        burst_msgs_per_s: burst_received as f64 / (burst_elapsed_us as f64 / 1e6),
         burst_cpu_us_per_msg: cpu_used as f64 / 1000.0 / burst_received.max(1) as f64,
-        burst_losses: burst_expected as i64 - burst_received as i64,
+        burst_p50_ms: burst_p50,
+        burst_p99_ms: burst_p99,
+        burst_max_ms: burst_max,
+        lost: expected as i64 - received as i64,
+        disconnected,
         loadgen_cpu_us_per_msg: loadgen_used as f64 / 1000.0 / burst_received.max(1) as f64,
     }
 }
@@ -644,77 +715,74 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-type Metric = (&'static str, fn(&RunResult) -> f64, &'static str);
+/// Name, value, decimals.
+type Metric = (&'static str, fn(&RunResult) -> f64, usize);
 
-const METRICS: [Metric; 11] = [
-    ("delivered messages/s (burst)", |r| r.burst_msgs_per_s, "{:.0}"),
+const METRICS: [Metric; 16] = [
+    ("messages lost", |r| r.lost as f64, 0),
+    ("clients disconnected", |r| r.disconnected as f64, 0),
+    ("burst: delivered messages/s", |r| r.burst_msgs_per_s, 0),
     (
-        "server CPU µs per delivered message",
+        "burst: server CPU µs per delivered message",
         |r| r.burst_cpu_us_per_msg,
-        "{:.2}",
+        2,
     ),
-    ("latency write → client p50 (ms)", |r| r.latency_p50_ms, "{:.2}"),
-    ("latency write → client p99 (ms)", |r| r.latency_p99_ms, "{:.2}"),
-    ("server's own share p50 (ms)", |r| r.own_p50_ms, "{:.3}"),
-    ("server's own share p99 (ms)", |r| r.own_p99_ms, "{:.3}"),
+    ("burst: write → client p50 (ms)", |r| r.burst_p50_ms, 1),
+    ("burst: write → client p99 (ms)", |r| r.burst_p99_ms, 1),
+    ("burst: write → client max (ms)", |r| r.burst_max_ms, 1),
+    ("steady: write → client p50 (ms)", |r| r.steady_p50_ms, 2),
+    ("steady: write → client p99 (ms)", |r| r.steady_p99_ms, 2),
+    ("steady: server's own share p50 (ms)", |r| r.own_p50_ms, 3),
+    ("steady: server's own share p99 (ms)", |r| r.own_p99_ms, 3),
+    (
+        "steady: until every socket's transport took it p50 (ms)",
+        |r| r.written_p50_ms,
+        3,
+    ),
+    (
+        "steady: until every socket's transport took it p99 (ms)",
+        |r| r.written_p99_ms,
+        3,
+    ),
     (
         "resident memory per idle subscribed connection (KiB)",
         |r| r.rss_per_conn_kib,
-        "{:.1}",
+        1,
     ),
     (
         "connection set-up rate (subscribed clients/s)",
         |r| r.setup_rate,
-        "{:.0}",
+        0,
     ),
     (
-        "messages lost (steady + burst)",
-        |r| (r.steady_losses + r.burst_losses) as f64,
-        "{:.0}",
-    ),
-    (
-        "load generator CPU µs per delivered message",
+        "load generator CPU µs per delivered message (burst)",
         |r| r.loadgen_cpu_us_per_msg,
-        "{:.2}",
+        2,
     ),
-    ("(steady messages lost)", |r| r.steady_losses as f64, "{:.0}"),
 ];
 
-fn format_value(format: &str, value: f64) -> String {
-    if value.is_nan() {
-        return "n/a".into();
-    }
-    let digits: usize = format
-        .trim_start_matches("{:.")
-        .trim_end_matches("}")
-        .parse()
-        .unwrap_or(2);
-    format!("{value:.digits$}")
-}
-
-fn report(args: &Args, results: &HashMap<(ServerKind, usize), Vec<RunResult>>) -> String {
+fn report(args: &Args, results: &HashMap<(ServerKind, Scenario), Vec<RunResult>>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Medians of {} runs; steady phase {} writes/s for {} s; burst ≈ {} deliveries; {}.\n",
+        "Medians of {} runs; default settings; steady phases {} writes/s for {} s; {}.\n",
         args.repeats,
         args.rate,
-        args.latency_secs,
-        args.burst_deliveries,
+        args.steady_secs,
         if args.pin {
             "server pinned to CPU 0, load generator and store to CPU 1"
         } else {
             "not pinned"
         }
     );
-    for &n in &args.subscribers {
-        let _ = writeln!(out, "### {n} subscribers\n");
+    for &scenario in &args.scenarios {
+        let _ = writeln!(out, "### {scenario}\n");
         let _ = writeln!(out, "| metric | nsbridge | Node | nsbridge/Node |");
         let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
-        for (name, get, format) in METRICS.iter().take(10) {
+        for (name, get, decimals) in METRICS {
             let value_of = |kind| {
                 results
-                    .get(&(kind, n))
+                    .get(&(kind, scenario))
                     .map(|runs| median(&mut runs.iter().map(get).collect::<Vec<_>>()))
                     .unwrap_or(f64::NAN)
             };
@@ -725,12 +793,14 @@ fn report(args: &Args, results: &HashMap<(ServerKind, usize), Vec<RunResult>>) -
             } else {
                 "n/a".into()
             };
-            let _ = writeln!(
-                out,
-                "| {name} | {} | {} | {ratio} |",
-                format_value(format, ours),
-                format_value(format, node)
-            );
+            let show = |v: f64| {
+                if v.is_nan() {
+                    "n/a".to_string()
+                } else {
+                    format!("{v:.decimals$}")
+                }
+            };
+            let _ = writeln!(out, "| {name} | {} | {} | {ratio} |", show(ours), show(node));
         }
         let _ = writeln!(out);
     }
@@ -762,7 +832,10 @@ async fn main() {
             .args(["-a", "-cp", LOAD_CPU, &std::process::id().to_string()])
             .stdout(Stdio::null())
             .status();
-        assert!(status.is_ok_and(|s| s.success()), "taskset failed: try --no-pin");
+        assert!(
+            status.is_ok_and(|s| s.success()),
+            "taskset failed: run without --pin"
+        );
     }
     let store = Store::start().await;
     let client = Client::with_uri_str(&store.uri_base).await.unwrap();
@@ -781,30 +854,34 @@ async fn main() {
         ),
     ));
 
-    let mut results: HashMap<(ServerKind, usize), Vec<RunResult>> = HashMap::new();
+    let mut results: HashMap<(ServerKind, Scenario), Vec<RunResult>> = HashMap::new();
     for repeat in 0..args.repeats {
-        for &n in &args.subscribers {
+        for &scenario in &args.scenarios {
             let mut order = args.servers.clone();
             if repeat % 2 == 1 {
                 order.reverse();
             }
             for kind in order {
-                let result = run_one(kind, n, &store, &token, &db, &args).await;
+                let r = run_one(kind, scenario, &store, &token, &db, &args).await;
                 eprintln!(
-                    "run {} {:>6} subscribers {:>8}: {:>9.0} msg/s, {:>6.2} µs CPU/msg, p50 {:>6.2} ms, p99 {:>6.2} ms, own p99 {:>6.3} ms, {:>5.1} KiB/conn, {:>6.0} conn/s, lost {}",
+                    "run {} {:>6}×{:<5} {:>8}: lost {} disconnected {}; burst {:>8.0} msg/s, {:>5.2} µs CPU/msg, p50 {:>7.1} p99 {:>7.1} max {:>7.1} ms; steady p99 {:>6.2} ms, own p99 {:>6.3} ms; {:>5.1} KiB/conn; {:>5.0} conn/s",
                     repeat + 1,
-                    n,
+                    scenario.subscribers,
+                    scenario.burst,
                     kind.name(),
-                    result.burst_msgs_per_s,
-                    result.burst_cpu_us_per_msg,
-                    result.latency_p50_ms,
-                    result.latency_p99_ms,
-                    result.own_p99_ms,
-                    result.rss_per_conn_kib,
-                    result.setup_rate,
-                    result.steady_losses + result.burst_losses,
+                    r.lost,
+                    r.disconnected,
+                    r.burst_msgs_per_s,
+                    r.burst_cpu_us_per_msg,
+                    r.burst_p50_ms,
+                    r.burst_p99_ms,
+                    r.burst_max_ms,
+                    r.steady_p99_ms,
+                    r.own_p99_ms,
+                    r.rss_per_conn_kib,
+                    r.setup_rate,
                 );
-                results.entry((kind, n)).or_default().push(result);
+                results.entry((kind, scenario)).or_default().push(r);
                 // Let the store's change log and the kernel's sockets settle between runs.
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

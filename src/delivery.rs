@@ -103,7 +103,7 @@ impl AsRef<[u8]> for Encoded {
 
 impl Drop for Encoded {
     fn drop(&mut self) {
-        metrics::histogram!(metric::FANOUT_DURATION).record(self.received.elapsed().as_secs_f64());
+        metrics::histogram!(metric::DELIVERY_DURATION).record(self.received.elapsed().as_secs_f64());
     }
 }
 

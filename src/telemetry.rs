@@ -15,6 +15,7 @@ pub mod metric {
     pub const RESUME_FAILURES: &str = "nsbridge_resume_failures_total";
     pub const CHANGE_STREAM_LAG: &str = "nsbridge_change_stream_lag_seconds";
     pub const FANOUT_DURATION: &str = "nsbridge_fanout_duration_seconds";
+    pub const DELIVERY_DURATION: &str = "nsbridge_delivery_duration_seconds";
     pub const SOCKETS_CONNECTED: &str = "nsbridge_sockets_connected";
     pub const SUBSCRIPTIONS: &str = "nsbridge_subscriptions";
     pub const EVENTS_SENT: &str = "nsbridge_events_sent_total";
@@ -56,8 +57,15 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
         .set_buckets_for_metric(
             Matcher::Full(FANOUT_DURATION.into()),
             &[
-                0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01,
-                0.025, 0.05, 0.1, 0.25, 1.0,
+                0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.00125, 0.0015, 0.00175, 0.002, 0.0025, 0.003,
+                0.004, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
+        )?
+        .set_buckets_for_metric(
+            Matcher::Full(DELIVERY_DURATION.into()),
+            &[
+                0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
             ],
         )?
         .set_buckets_for_metric(
@@ -86,7 +94,7 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
     describe_histogram!(
         FANOUT_DURATION,
         Unit::Seconds,
-        "Time from a change event reaching the bridge until the last subscriber's transport has taken it."
+        "Time from a change event reaching the bridge to its queueing to the last socket of its room."
     );
     describe_gauge!(
         SOCKETS_CONNECTED,

@@ -36,7 +36,7 @@ use subscribe::{Ack, Decision, Request, decide};
 pub const NAMESPACE: &str = "/storage";
 
 /// Bytes read from a WebSocket at a time (socketioxide's default is 4096).
-const WS_READ_BUFFER: usize = 1024;
+const WS_READ_BUFFER: usize = 256;
 
 /// Nightscout's `maxHttpBufferSize`: the largest message a client may send, on any transport.
 const MAX_PAYLOAD: u64 = 1_000_000;
@@ -165,6 +165,8 @@ impl Channel {
             }
             delivered
         };
+        // Queued to every socket of the room: the bridge's own share, as Node's `emit`.
+        metrics::histogram!(metric::FANOUT_DURATION).record(received.elapsed().as_secs_f64());
         let collection = event.collection.name();
         let name = event.kind.name();
         metrics::counter!(metric::EVENTS_SENT, "collection" => collection, "type" => name).increment(1);

@@ -6,10 +6,11 @@
 //! - A polling payload that Engine.IO refuses as malformed ends its session; that is
 //!   logged here, once, with the client's address.
 
-use axum::extract::{ConnectInfo, OriginalUri, Request};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
+use hyper::upgrade::OnUpgrade;
 use socketioxide::socket::Sid;
 
 use crate::net::ConnectionInfo;
@@ -58,10 +59,19 @@ const KEPT_HEADERS: [HeaderName; 2] = [
 fn detach_head(request: Request) -> Request {
     let (mut parts, body) = request.into_parts();
     if let Ok(uri) = parts.uri.to_string().parse::<axum::http::Uri>() {
-        // axum's copy of the URI too.
-        parts.extensions.insert(OriginalUri(uri.clone()));
         parts.uri = uri;
     }
+    // Of the extensions, only what is read later: the connection (by the channel) and the
+    // upgrade to WebSocket (by Engine.IO). The router's own (its copy of the URI, path
+    // parameters) would stay for the session's life.
+    let mut extensions = Extensions::new();
+    if let Some(connection) = parts.extensions.remove::<ConnectInfo<ConnectionInfo>>() {
+        extensions.insert(connection);
+    }
+    if let Some(upgrade) = parts.extensions.remove::<OnUpgrade>() {
+        extensions.insert(upgrade);
+    }
+    parts.extensions = extensions;
     // Only what is read later: the WebSocket key (by Engine.IO, for its answer) and the
     // forwarded client address (by the channel, behind a trusted proxy).
     let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
@@ -97,16 +107,16 @@ mod tests {
             .header("x-forwarded-for", "203.0.113.7")
             .header("cookie", "session=abc")
             .header("user-agent", "okhttp/4.12.0")
-            .extension(OriginalUri(
+            .extension(axum::extract::OriginalUri(
                 "/socket.io/?EIO=4&transport=websocket".parse().unwrap(),
             ))
             .body(Body::empty())
             .unwrap();
         let detached = detach_head(request);
         assert_eq!(detached.uri(), "/socket.io/?EIO=4&transport=websocket");
-        assert_eq!(
-            detached.extensions().get::<OriginalUri>().unwrap().0,
-            *detached.uri()
+        assert!(
+            detached.extensions().is_empty(),
+            "the router's extensions are dropped"
         );
         let mut names: Vec<&str> = detached.headers().keys().map(|k| k.as_str()).collect();
         names.sort();

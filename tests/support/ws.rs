@@ -73,12 +73,6 @@ impl WsSubscriber {
     }
 }
 
-/// The payload of an event packet: `(event name, payload)`.
-pub fn event_of(packet: &str) -> (String, serde_json::Value) {
-    let args: serde_json::Value = serde_json::from_str(packet.strip_prefix("42/storage,").unwrap()).unwrap();
-    (args[0].as_str().unwrap().to_string(), args[1].clone())
-}
-
 /// The first `"identifier":"..."` of an event packet, found without parsing the JSON.
 pub fn identifier_of(packet: &str) -> Option<&str> {
     let start = packet.find(r#""identifier":""#)? + 14;

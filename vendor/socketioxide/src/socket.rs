@@ -706,7 +706,14 @@ impl<A: Adapter> Socket<A> {
         if !self.connected() {
             return Err(SocketError::Closed);
         }
-        self.send_raw(value)
+        match value {
+            // The common case in one step, without a permit.
+            Value::Str(msg, None) => self.esocket.emit(msg).map_err(|e| match e {
+                TrySendError::Full(_) => SocketError::InternalChannelFull,
+                TrySendError::Closed(_) => SocketError::Closed,
+            }),
+            value => self.send_raw(value),
+        }
     }
 
     /// # Get the request info made by the client to connect.
