@@ -30,6 +30,7 @@ use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 
 #[path = "../tests/support/http.rs"]
+#[allow(dead_code)]
 mod http;
 #[path = "../tests/support/ws.rs"]
 #[allow(dead_code)]

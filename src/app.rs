@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::middleware::from_fn;
+use axum::middleware::from_fn_with_state;
 use nsbridge::auth::store::AuthStore;
 use nsbridge::channel::{Channel, ChannelConfig, transport};
 use nsbridge::delivery::DeliveryWindow;
@@ -13,6 +13,7 @@ use nsbridge::http::{self, HttpState};
 use nsbridge::mapping::{Mapper, MappingRules};
 use nsbridge::net::Connections;
 use nsbridge::settings::{Settings, redact_uri};
+use nsbridge::upstream::Upstream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -52,12 +53,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     );
     let feed_status = feed.status();
     let window = DeliveryWindow::new(settings.channel.max_events_in_flight);
+    let upstream = settings
+        .upstream
+        .as_ref()
+        .map(|url| Upstream::new(url, settings.auth.trusted_proxy));
     let (channel, socket_layer) = Channel::new(
         ChannelConfig {
             trusted_proxy: settings.auth.trusted_proxy,
             window: window.clone(),
             slow_client_timeout: settings.channel.slow_client_timeout,
             throttle: settings.auth.throttle.clone(),
+            upstream: upstream.clone(),
             ..ChannelConfig::default()
         },
         auth.clone(),
@@ -65,6 +71,13 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
 
     let (events_tx, events) = mpsc::channel(FEED_QUEUE);
     let connections = Connections::new(connection_limits(&settings));
+    if let Some(upstream) = &upstream {
+        tokio::spawn(
+            upstream
+                .clone()
+                .watch_reachable(nsbridge::upstream::PROBE_INTERVAL, shutdown.clone()),
+        );
+    }
     let tasks = [
         tokio::spawn(nsbridge::mongo::watch_answering(
             client.clone(),
@@ -95,9 +108,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         mongo_reachable,
         mongo_answering,
         metrics: Some(metrics),
+        upstream: upstream.clone(),
     })
     .layer(socket_layer)
-    .layer(from_fn(transport::guard));
+    .layer(from_fn_with_state(upstream.clone(), transport::guard));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
@@ -107,6 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         uri = %redact_uri(&settings.mongo.uri),
         database = %settings.mongo.database,
         relay = %settings.relay,
+        upstream = %settings.upstream.as_ref().map_or(String::from("none"), |u| u.to_string()),
         max_connections = connections.limits().max_connections,
         version = env!("CARGO_PKG_VERSION"),
         "nsbridge listening"

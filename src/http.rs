@@ -1,8 +1,12 @@
-//! Plain HTTP on the bridge's listener: health, readiness, metrics and the live page.
+//! Plain HTTP on the bridge's listener: health, readiness, metrics and the live page. In
+//! front-door mode they are under [`FRONT_DOOR_PREFIX`], and every other request goes to
+//! Nightscout.
 
-use axum::extract::State;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
-use axum::response::{Html, IntoResponse};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -11,6 +15,11 @@ use tokio::sync::watch;
 
 use crate::auth::store::SnapshotReceiver;
 use crate::feed::FeedStatus;
+use crate::upstream::Upstream;
+
+/// Where the bridge's own endpoints are when it stands in front of Nightscout, whose `/`
+/// they must not hide.
+pub const FRONT_DOOR_PREFIX: &str = "/nsbridge";
 
 /// The sample client of Nightscout's documentation, made useful; self-contained.
 const LIVE_PAGE: &str = include_str!("../static/live.html");
@@ -23,15 +32,33 @@ pub struct HttpState {
     /// Whether the deployment answered its last ping in time (see `mongo::watch_answering`).
     pub mongo_answering: watch::Receiver<bool>,
     pub metrics: Option<PrometheusHandle>,
+    /// Front-door mode: Nightscout, to which every other request goes.
+    pub upstream: Option<Arc<Upstream>>,
+}
+
+/// The path prefix of the bridge's own endpoints: none, or [`FRONT_DOOR_PREFIX`].
+pub fn endpoint_prefix(front_door: bool) -> &'static str {
+    if front_door { FRONT_DOOR_PREFIX } else { "" }
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route("/", get(live_page))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    let prefix = endpoint_prefix(state.upstream.is_some());
+    let mut router = Router::new()
+        .route(&format!("{prefix}/"), get(live_page))
+        .route(&format!("{prefix}/healthz"), get(healthz))
+        .route(&format!("{prefix}/readyz"), get(readyz))
+        .route(&format!("{prefix}/metrics"), get(metrics));
+    if state.upstream.is_some() {
+        router = router.route(prefix, get(live_page)).fallback(to_nightscout);
+    }
+    router.with_state(state)
+}
+
+async fn to_nightscout(State(state): State<HttpState>, request: Request) -> Response {
+    match &state.upstream {
+        Some(upstream) => upstream.proxy(request).await,
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn live_page() -> Html<&'static str> {
@@ -48,6 +75,9 @@ struct Readiness {
     mongodb: &'static str,
     change_stream: &'static str,
     auth: &'static str,
+    /// Front-door mode: whether Nightscout answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nightscout: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
 }
@@ -59,6 +89,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     let answering = *state.mongo_answering.borrow();
     let feed = state.feed.borrow().clone();
     let auth_loaded = state.auth.borrow().is_some();
+    let nightscout = state.upstream.as_ref().map(|u| *u.reachable().borrow());
     let (change_stream, stream_problem) = match feed {
         FeedStatus::Open => ("open", None),
         FeedStatus::Starting => ("starting", Some("change stream not open yet".to_string())),
@@ -72,6 +103,8 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
         Some(problem)
     } else if !auth_loaded {
         Some("auth collections not read yet".to_string())
+    } else if nightscout == Some(false) {
+        Some("Nightscout not reachable".to_string())
     } else {
         None
     };
@@ -84,6 +117,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
         },
         change_stream,
         auth: if auth_loaded { "loaded" } else { "loading" },
+        nightscout: nightscout.map(|up| if up { "reachable" } else { "unreachable" }),
         reason,
     };
     let status = if body.ready {

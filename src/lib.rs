@@ -17,3 +17,4 @@ pub mod net;
 pub mod server;
 pub mod settings;
 pub mod telemetry;
+pub mod upstream;

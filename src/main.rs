@@ -48,7 +48,10 @@ fn main() -> ExitCode {
             Err(e) => bad_config(e),
         },
         Command::Healthcheck => match Settings::load(cli.config.as_deref(), &env) {
-            Ok(settings) => healthcheck(settings.listen),
+            Ok(settings) => healthcheck(
+                settings.listen,
+                nsbridge::http::endpoint_prefix(settings.upstream.is_some()),
+            ),
             // Container runtimes reserve exit status 2: unhealthy is 1.
             Err(e) => {
                 eprintln!("nsbridge: bad configuration: {e}");
@@ -78,14 +81,14 @@ fn bad_config(e: nsbridge::settings::SettingsError) -> ExitCode {
 }
 
 /// `GET /readyz` on the loopback address of the listen port, with short timeouts.
-fn healthcheck(listen: SocketAddr) -> ExitCode {
+fn healthcheck(listen: SocketAddr, prefix: &str) -> ExitCode {
     let ip = match listen.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         ip => ip,
     };
     let target = SocketAddr::new(ip, listen.port());
-    match ready(target) {
+    match ready(target, prefix) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             eprintln!("nsbridge at {target} is not ready");
@@ -98,14 +101,14 @@ fn healthcheck(listen: SocketAddr) -> ExitCode {
     }
 }
 
-fn ready(target: SocketAddr) -> std::io::Result<bool> {
+fn ready(target: SocketAddr, prefix: &str) -> std::io::Result<bool> {
     const TIMEOUT: Duration = Duration::from_secs(3);
     let mut stream = TcpStream::connect_timeout(&target, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
     stream.set_write_timeout(Some(TIMEOUT))?;
     write!(
         stream,
-        "GET /readyz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
+        "GET {prefix}/readyz HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n"
     )?;
     let mut status_line = String::new();
     BufReader::new(stream).read_line(&mut status_line)?;

@@ -218,6 +218,10 @@ impl Mapper {
             wall_time_ms: wall_time_ms(event),
             full_document: event.get_document("fullDocument").ok(),
             pre_image: event.get_document("fullDocumentBeforeChange").ok(),
+            updated_fields: event
+                .get_document("updateDescription")
+                .ok()
+                .and_then(|d| d.get_document("updatedFields").ok()),
         };
         match op {
             "insert" => self.insert(ctx),
@@ -314,23 +318,62 @@ impl Mapper {
             .unwrap_or_else(|| ctx.id.clone())
     }
 
-    /// In mode `all`, documents written without APIv3 get what APIv3 clients rely on:
-    /// an `identifier` and a numeric `srvModified` (AndroidAPS fails without it).
+    /// The document as APIv3 normalises every document it reads (spec §3), in both modes:
+    /// one written some other way (APIv1, the web UI) and then changed through APIv3 has
+    /// no `identifier` or `srvCreated` of its own, and AndroidAPS keys its records by the
+    /// one and reads the other.
     fn document_body(&self, ctx: &EventContext<'_>, doc: &Document) -> EventBody {
-        if self.rules.relay == RelayMode::Apiv3 {
-            return EventBody::Doc(doc.clone());
-        }
         let mut doc = doc.clone();
         if !has_identifier(&doc) {
             doc.insert("identifier", ctx.id.clone());
         }
-        if !is_number(doc.get("srvModified"))
+        if is_absent(doc.get("srvCreated"))
+            && let Some(created) = original_date(ctx, &doc)
+        {
+            doc.insert("srvCreated", created);
+        }
+        if is_absent(doc.get("srvModified"))
             && let Some(wall) = ctx.wall_time_ms
         {
             doc.insert("srvModified", wall);
         }
         EventBody::Doc(doc)
     }
+}
+
+/// The date a document was first stored, in ms: its `srvModified` before this write if it
+/// had one, else the collection's own date field.
+fn original_date(ctx: &EventContext<'_>, doc: &Document) -> Option<i64> {
+    let before = match (ctx.pre_image, ctx.updated_fields) {
+        (Some(before), _) => number(before.get("srvModified")),
+        // An update that left `srvModified` alone: the document still has the old one.
+        (None, Some(updated)) if !updated.contains_key("srvModified") => number(doc.get("srvModified")),
+        _ => None,
+    };
+    before
+        .map(|ms| ms as i64)
+        .or_else(|| date_field(ctx.collection, doc))
+}
+
+/// `entries`: `date` (ms); `settings`: none; the others: `created_at` (ISO-8601).
+fn date_field(collection: Collection, doc: &Document) -> Option<i64> {
+    let (field, value) = match collection {
+        Collection::Entries => ("date", doc.get("date")?),
+        Collection::Settings => return None,
+        _ => ("created_at", doc.get("created_at")?),
+    };
+    match value {
+        Bson::DateTime(dt) => Some(dt.timestamp_millis()),
+        Bson::String(text) if field == "created_at" => bson::DateTime::parse_rfc3339_str(text)
+            .ok()
+            .map(|dt| dt.timestamp_millis()),
+        other => number(Some(other)).map(|ms| ms as i64),
+    }
+}
+
+/// Missing, or null: what JavaScript's `!doc.field` treats as unset for these fields.
+fn is_absent(value: Option<&Bson>) -> bool {
+    matches!(value, None | Some(Bson::Null | Bson::Undefined))
 }
 
 struct EventContext<'a> {
@@ -340,6 +383,8 @@ struct EventContext<'a> {
     wall_time_ms: Option<i64>,
     full_document: Option<&'a Document>,
     pre_image: Option<&'a Document>,
+    /// An update's `updateDescription.updatedFields`.
+    updated_fields: Option<&'a Document>,
 }
 
 impl EventContext<'_> {

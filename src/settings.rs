@@ -46,6 +46,8 @@ impl SettingsError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// Nightscout's internal URL: front-door mode, when set.
+    pub upstream: Option<axum::http::Uri>,
     pub relay: RelayMode,
     pub replace_window: Duration,
     pub identifier_cache_size: NonZeroUsize,
@@ -116,6 +118,7 @@ impl fmt::Debug for ApiSecret {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     listen: String,
+    upstream: String,
     relay: String,
     replace_window_secs: u64,
     identifier_cache_size: usize,
@@ -285,6 +288,7 @@ impl Settings {
                 format!("{:?} is not an address and port such as 0.0.0.0:8080", raw.listen),
             )
         })?;
+        let upstream = upstream_url(&raw.upstream)?;
         let relay = match raw.relay.as_str() {
             "apiv3" => RelayMode::Apiv3,
             "all" => RelayMode::All,
@@ -386,6 +390,7 @@ impl Settings {
 
         let settings = Settings {
             listen,
+            upstream,
             relay,
             replace_window: Duration::from_secs(raw.replace_window_secs),
             identifier_cache_size,
@@ -425,6 +430,38 @@ impl Settings {
         };
         Ok((settings, raw))
     }
+}
+
+/// `upstream`: empty, or Nightscout's internal `http://host:port`.
+fn upstream_url(text: &str) -> Result<Option<axum::http::Uri>, SettingsError> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let problem = |why: &str| {
+        SettingsError::new(
+            "upstream",
+            format!("{text:?} {why} (expected Nightscout's internal URL, such as http://nightscout:1337)"),
+        )
+    };
+    let uri: axum::http::Uri = text.parse().map_err(|_| problem("is not a URL"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(problem(
+                "uses https: give Nightscout's internal plain-HTTP address",
+            ));
+        }
+        _ => return Err(problem("is not an http:// URL")),
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(problem("names no host"));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return Err(problem(
+            "has a path: Nightscout must be at the root of its address",
+        ));
+    }
+    Ok(Some(uri))
 }
 
 fn load_raw(config_file: Option<&Path>, env: &HashMap<String, String>) -> Result<RawSettings, SettingsError> {

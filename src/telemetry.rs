@@ -26,6 +26,11 @@ pub mod metric {
     pub const MONGO_REACHABLE: &str = "nsbridge_mongodb_reachable";
     pub const EVENTS_IN_FLIGHT: &str = "nsbridge_events_in_flight";
     pub const DELIVERY_WAIT: &str = "nsbridge_delivery_wait_seconds";
+    pub const UPSTREAM_REACHABLE: &str = "nsbridge_upstream_reachable";
+    pub const UPSTREAM_ERRORS: &str = "nsbridge_upstream_errors_total";
+    pub const RELAY_LINKS: &str = "nsbridge_relay_connections";
+    pub const RELAYED_SOCKETS: &str = "nsbridge_relayed_sockets";
+    pub const RELAYED_MESSAGES: &str = "nsbridge_relayed_messages_total";
     pub const CONNECTIONS_OPEN: &str = "nsbridge_connections_open";
     pub const CONNECTION_LIMIT: &str = "nsbridge_connection_limit";
     pub const CONNECTIONS_REFUSED: &str = "nsbridge_connections_refused_total";

@@ -117,8 +117,18 @@ fn compose_stack_wires_mongo_nightscout_and_the_bridge() {
     );
     assert_eq!(text(&bridge["environment"]["NSBRIDGE_LISTEN"]), "0.0.0.0:8080");
     assert!(bridge["environment"]["PORT"].is_badvalue());
+    // The bridge is the front door: it alone is published, and it reaches Nightscout
+    // inside the stack.
     assert_eq!(targets(&bridge["ports"]), ["8080"]);
-    assert_eq!(targets(&nightscout["ports"]), ["1337"]);
+    assert!(
+        nightscout["ports"].is_badvalue(),
+        "Nightscout's port is not published"
+    );
+    assert_eq!(
+        text(&bridge["environment"]["NSBRIDGE_UPSTREAM"]),
+        "http://nightscout:1337"
+    );
+    assert_eq!(strings(&nightscout["expose"]), ["1337"]);
     assert!(!bridge["restart"].is_badvalue());
 }
 

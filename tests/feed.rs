@@ -404,3 +404,44 @@ async fn the_stream_is_read_no_faster_than_the_window_admits() {
     assert_eq!(*status.borrow(), FeedStatus::Open);
     shutdown.cancel();
 }
+
+/// Spec §3: the APIv3 PATCH of a document that APIv1 wrote, addressed by its `_id`, sends
+/// the document as APIv3 normalises it: with `identifier` (the `_id`) and `srvCreated`
+/// (from `created_at`), which AndroidAPS needs to match it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apiv3_patch_of_an_apiv1_document_is_sent_normalised() {
+    let store = TestStore::start().await;
+    let client = store.client().await;
+    let db = client.database(&store.database("feed_normalised"));
+    let mut feed = start_feed(&db, RelayMode::Apiv3).await;
+
+    let treatments = db.collection::<Document>("treatments");
+    let id = ObjectId::new();
+    treatments
+        .insert_one(
+            doc! { "_id": id, "eventType": "Note", "created_at": "2023-11-14T22:13:20.000Z", "notes": "v1" },
+        )
+        .await
+        .unwrap();
+    let now = now_ms();
+    treatments
+        .update_one(
+            doc! { "_id": id },
+            doc! { "$set": { "notes": "patched", "srvModified": now, "modifiedBy": "apiAll" } },
+        )
+        .await
+        .unwrap();
+    let sentinel_now = write_sentinel(&db).await;
+    let mut got = events_until_sentinel(&mut feed).await;
+    assert_eq!(got.pop(), Some(sentinel_event(sentinel_now)));
+    let hex = id.to_hex();
+    assert_eq!(
+        got,
+        vec![(
+            "update".to_string(),
+            format!(
+                r#"{{"colName":"treatments","doc":{{"eventType":"Note","created_at":"2023-11-14T22:13:20.000Z","notes":"patched","srvModified":{now},"modifiedBy":"apiAll","identifier":"{hex}","srvCreated":1700000000000}}}}"#
+            )
+        )]
+    );
+}

@@ -354,6 +354,7 @@ fn toml_value(rng: &mut Rng) -> String {
 }
 
 const SETTING_KEYS: &[&str] = &[
+    "upstream",
     "listen",
     "relay",
     "replace_window_secs",

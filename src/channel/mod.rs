@@ -29,6 +29,7 @@ use crate::delivery::{DeliveryWindow, encode};
 use crate::feed::FeedEvent;
 use crate::net::ConnectionInfo;
 use crate::telemetry::metric;
+use crate::upstream::Upstream;
 use rooms::Rooms;
 use slow::{Observations, SlowClientRule};
 use subscribe::{Ack, Decision, Request, decide};
@@ -56,6 +57,8 @@ pub struct ChannelConfig {
     pub throttle: ThrottleConfig,
     /// How long a subscribe waits for the auth data to be read at start-up.
     pub auth_wait: Duration,
+    /// Front-door mode: Nightscout, to which the other namespaces are relayed.
+    pub upstream: Option<Arc<Upstream>>,
 }
 
 impl Default for ChannelConfig {
@@ -66,6 +69,7 @@ impl Default for ChannelConfig {
             slow_client_timeout: Duration::from_secs(5),
             throttle: ThrottleConfig::default(),
             auth_wait: Duration::from_secs(10),
+            upstream: None,
         }
     }
 }
@@ -113,11 +117,18 @@ impl Channel {
             trusted_proxy: config.trusted_proxy,
             auth_wait: config.auth_wait,
         });
-        // Clients of the legacy protocol (socket.io-client 2.x) are closed unless `/` exists.
-        let root_state = state.clone();
-        io.ns("/", async move |socket: SocketRef| {
-            connected(&root_state, &socket);
-        });
+        match config.upstream {
+            // Nightscout's `/`, `/alarm` and any other namespace but `/storage`.
+            Some(upstream) => crate::upstream::relay::register(&io, upstream),
+            None => {
+                // Clients of the legacy protocol (socket.io-client 2.x) are closed unless
+                // `/` exists.
+                let root_state = state.clone();
+                io.ns("/", async move |socket: SocketRef| {
+                    connected(&root_state, &socket);
+                });
+            }
+        }
         let storage_state = state.clone();
         let on_connect = async |_: SocketRef| {};
         // Handlers are registered before the CONNECT reply goes out: a subscribe sent

@@ -5,8 +5,13 @@
 //!   the connection's read buffer.
 //! - A polling payload that Engine.IO refuses as malformed ends its session; that is
 //!   logged here, once, with the client's address.
+//! - In front-door mode, requests under `/socket.io/` that are not Engine.IO's (no `EIO`
+//!   parameter: Nightscout's `socket.io.js` and its map) go to Nightscout, and each new
+//!   session gets the slot of its upstream connection.
 
-use axum::extract::{ConnectInfo, Request};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -14,15 +19,23 @@ use hyper::upgrade::OnUpgrade;
 use socketioxide::socket::Sid;
 
 use crate::net::ConnectionInfo;
+use crate::upstream::Upstream;
+use crate::upstream::relay::{FORWARDED_HANDSHAKE_HEADERS, SessionLink};
 
 /// Middleware on the Socket.IO path; see the module documentation.
-pub async fn guard(request: Request, next: Next) -> Response {
+pub async fn guard(State(upstream): State<Option<Arc<Upstream>>>, request: Request, next: Next) -> Response {
     if !request.uri().path().starts_with("/socket.io/") {
         return next.run(request).await;
     }
-    let sid = session_id(request.uri().query().unwrap_or(""));
+    let query = request.uri().query().unwrap_or("");
+    if let Some(upstream) = &upstream
+        && !query.split('&').any(|pair| pair.starts_with("EIO="))
+    {
+        return upstream.proxy(request).await;
+    }
+    let sid = session_id(query);
     let request = if sid.is_none() {
-        detach_head(request)
+        detach_head(request, upstream.is_some())
     } else {
         request
     };
@@ -55,8 +68,10 @@ const KEPT_HEADERS: [HeaderName; 2] = [
 /// Socket.IO keeps the request that opened a session for the session's whole life, and
 /// hyper parses a request's URI and headers as slices of its per-connection read buffer
 /// (8 to 16 KiB), which they would keep alive: about half of an idle connection's memory.
-/// Copies of the few hundred bytes let the buffer go once the request is handled.
-fn detach_head(request: Request) -> Request {
+/// Copies of the few hundred bytes let the buffer go once the request is handled. In
+/// front-door mode the headers that Nightscout's own handshake gets are kept too, and the
+/// session gets the slot of its upstream connection.
+fn detach_head(request: Request, front_door: bool) -> Request {
     let (mut parts, body) = request.into_parts();
     if let Ok(uri) = parts.uri.to_string().parse::<axum::http::Uri>() {
         parts.uri = uri;
@@ -71,12 +86,23 @@ fn detach_head(request: Request) -> Request {
     if let Some(upgrade) = parts.extensions.remove::<OnUpgrade>() {
         extensions.insert(upgrade);
     }
+    if front_door {
+        extensions.insert(SessionLink::default());
+    }
     parts.extensions = extensions;
     // Only what is read later: the WebSocket key (by Engine.IO, for its answer) and the
     // forwarded client address (by the channel, behind a trusted proxy).
-    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len());
-    for name in KEPT_HEADERS {
-        for value in parts.headers.get_all(&name) {
+    let forwarded: &[HeaderName] = if front_door {
+        &FORWARDED_HANDSHAKE_HEADERS
+    } else {
+        &[]
+    };
+    let mut headers = HeaderMap::with_capacity(KEPT_HEADERS.len() + forwarded.len());
+    for name in KEPT_HEADERS.iter().chain(forwarded) {
+        if headers.contains_key(name) {
+            continue;
+        }
+        for value in parts.headers.get_all(name) {
             if let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) {
                 headers.append(name.clone(), value);
             }
@@ -112,7 +138,7 @@ mod tests {
             ))
             .body(Body::empty())
             .unwrap();
-        let detached = detach_head(request);
+        let detached = detach_head(request, false);
         assert_eq!(detached.uri(), "/socket.io/?EIO=4&transport=websocket");
         assert!(
             detached.extensions().is_empty(),

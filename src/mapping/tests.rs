@@ -123,6 +123,19 @@ fn with(mut doc: Document, key: &str, value: impl Into<Bson>) -> Document {
     doc
 }
 
+/// `created_at` of the test documents, 2023-11-14T22:13:20.000Z, in ms.
+const CREATED_AT_MS: i64 = 1_700_000_000_000;
+
+/// `doc` as APIv3 normalises it: `identifier` from `_id`, `srvCreated` as given, and
+/// `srvModified` from the write's time.
+fn normalised(doc: Document, srv_created: i64) -> Document {
+    with(
+        with(with(doc, "identifier", OID), "srvCreated", srv_created),
+        "srvModified",
+        WALL_MS,
+    )
+}
+
 // Spec §4, row "create (new)": insertOne with srvCreated = srvModified = now.
 #[test]
 fn apiv3_create_is_create_in_both_modes() {
@@ -316,7 +329,7 @@ fn apiv1_insert_without_srv_modified() {
         not_apiv3(Collection::Treatments)
     );
     let e = relayed(mapper(RelayMode::All).map(&ev));
-    let expected = with(with(apiv1_treatment(), "identifier", OID), "srvModified", WALL_MS);
+    let expected = normalised(apiv1_treatment(), CREATED_AT_MS);
     assert_eq!(
         e,
         event(
@@ -328,7 +341,7 @@ fn apiv1_insert_without_srv_modified() {
     assert_eq!(
         e.payload_json(),
         format!(
-            r#"{{"colName":"treatments","doc":{{"eventType":"Note","created_at":"2023-11-14T22:13:20.000Z","notes":"from the web UI","identifier":"{OID}","srvModified":{WALL_MS}}}}}"#
+            r#"{{"colName":"treatments","doc":{{"eventType":"Note","created_at":"2023-11-14T22:13:20.000Z","notes":"from the web UI","identifier":"{OID}","srvCreated":{CREATED_AT_MS},"srvModified":{WALL_MS}}}}}"#
         )
     );
 }
@@ -364,7 +377,7 @@ fn set_without_srv_modified() {
         not_apiv3(Collection::Treatments)
     );
     let e = relayed(mapper(RelayMode::All).map(&ev));
-    let expected = with(with(after, "identifier", OID), "srvModified", WALL_MS);
+    let expected = normalised(after, CREATED_AT_MS);
     assert_eq!(
         e,
         event(
@@ -583,4 +596,131 @@ fn falsy_identifier_falls_back_to_id() {
     let doc = with(apiv3_treatment(), "identifier", "");
     let e = relayed(mapper(RelayMode::All).map(&delete("treatments", Some(doc))));
     assert_eq!(e.body, EventBody::Identifier(OID.into()));
+}
+
+// Spec §3: every document sent is normalised as APIv3 normalises what it reads.
+#[test]
+fn an_apiv3_patch_of_an_apiv1_document_carries_identifier_and_srv_created() {
+    // The exact sequence of the issue: APIv1 insert, then APIv3's $set of srvModified by _id.
+    let after = with(
+        with(apiv1_treatment(), "notes", "patched"),
+        "srvModified",
+        WALL_MS,
+    );
+    let ev = update(
+        "treatments",
+        doc! { "notes": "patched", "srvModified": WALL_MS, "modifiedBy": "apiAll" },
+        Some(after.clone()),
+    );
+    for relay in [RelayMode::Apiv3, RelayMode::All] {
+        let e = relayed(mapper(relay).map(&ev));
+        let expected = with(
+            with(after.clone(), "identifier", OID),
+            "srvCreated",
+            CREATED_AT_MS,
+        );
+        assert_eq!(
+            e,
+            event(
+                Collection::Treatments,
+                EventKind::Update,
+                EventBody::Doc(expected)
+            ),
+            "{relay:?}"
+        );
+    }
+}
+
+#[test]
+fn srv_created_comes_from_each_collections_date_field() {
+    let cases: [(&str, Document, Option<i64>); 7] = [
+        (
+            "entries",
+            doc! { "_id": oid(), "sgv": 120, "date": CREATED_AT_MS, "dateString": "x" },
+            Some(CREATED_AT_MS),
+        ),
+        (
+            "entries",
+            doc! { "_id": oid(), "sgv": 120, "date": CREATED_AT_MS as f64 },
+            Some(CREATED_AT_MS),
+        ),
+        (
+            "devicestatus",
+            doc! { "_id": oid(), "created_at": "2023-11-14T23:13:20.000+01:00" },
+            Some(CREATED_AT_MS),
+        ),
+        (
+            "food",
+            doc! { "_id": oid(), "created_at": "2023-11-14T22:13:20Z" },
+            Some(CREATED_AT_MS),
+        ),
+        (
+            "profile",
+            doc! { "_id": oid(), "created_at": bson::DateTime::from_millis(CREATED_AT_MS) },
+            Some(CREATED_AT_MS),
+        ),
+        (
+            "treatments",
+            doc! { "_id": oid(), "created_at": "not a date" },
+            None,
+        ),
+        (
+            "settings",
+            doc! { "_id": oid(), "created_at": "2023-11-14T22:13:20Z", "date": 1 },
+            None,
+        ),
+    ];
+    for (coll, doc, srv_created) in cases {
+        let e = relayed(mapper(RelayMode::All).map(&insert(coll, doc.clone())));
+        let EventBody::Doc(sent) = e.body else {
+            panic!("{coll}: not a document")
+        };
+        assert_eq!(sent.get_str("identifier").unwrap(), OID, "{coll}");
+        assert_eq!(sent.get_i64("srvModified").unwrap(), WALL_MS, "{coll}");
+        assert_eq!(sent.get_i64("srvCreated").ok(), srv_created, "{coll} {doc}");
+    }
+}
+
+#[test]
+fn srv_created_is_the_srv_modified_from_before_the_write_when_there_was_one() {
+    let stored = with(apiv1_treatment(), "srvModified", (WALL_MS - 60_000) as f64);
+    let after = with(with(stored.clone(), "notes", "patched"), "srvModified", WALL_MS);
+    // With a pre-image.
+    let mut ev = update(
+        "treatments",
+        doc! { "notes": "patched", "srvModified": WALL_MS },
+        Some(after.clone()),
+    );
+    ev.insert("fullDocumentBeforeChange", stored.clone());
+    let EventBody::Doc(sent) = relayed(mapper(RelayMode::Apiv3).map(&ev)).body else {
+        panic!()
+    };
+    assert_eq!(sent.get_i64("srvCreated").unwrap(), WALL_MS - 60_000);
+    // An update in mode all that left srvModified alone: the stored one.
+    let ev = update(
+        "treatments",
+        doc! { "notes": "v1" },
+        Some(with(stored, "notes", "v1")),
+    );
+    let EventBody::Doc(sent) = relayed(mapper(RelayMode::All).map(&ev)).body else {
+        panic!()
+    };
+    assert_eq!(sent.get_i64("srvCreated").unwrap(), WALL_MS - 60_000);
+    assert_eq!(sent.get_f64("srvModified").unwrap(), (WALL_MS - 60_000) as f64);
+}
+
+#[test]
+fn what_a_document_has_is_never_replaced() {
+    // APIv3's own documents go out as stored, field for field.
+    for relay in [RelayMode::Apiv3, RelayMode::All] {
+        let e = relayed(mapper(relay).map(&insert("treatments", apiv3_treatment())));
+        assert_eq!(e.body, EventBody::Doc(apiv3_treatment()));
+    }
+    // A falsy identifier counts as none, as in `doc.identifier || doc._id`.
+    let doc = with(apiv3_treatment(), "identifier", "");
+    let EventBody::Doc(sent) = relayed(mapper(RelayMode::Apiv3).map(&insert("treatments", doc))).body else {
+        panic!()
+    };
+    assert_eq!(sent.get_str("identifier").unwrap(), OID);
+    assert_eq!(sent.get_f64("srvCreated").unwrap(), WALL_MS as f64);
 }

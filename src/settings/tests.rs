@@ -294,3 +294,28 @@ fn secret_debug_does_not_show_it() {
     let s = load(&minimal()).unwrap();
     assert!(!format!("{s:?}").contains(SECRET));
 }
+
+#[test]
+fn upstream_is_nightscouts_internal_http_address() {
+    assert_eq!(load(&minimal()).unwrap().upstream, None);
+    for good in ["http://nightscout:1337", "http://10.0.0.5:1337/", "http://ns"] {
+        let mut pairs = minimal();
+        pairs.push(("NSBRIDGE_UPSTREAM", good));
+        let upstream = load(&pairs).unwrap().upstream.expect(good);
+        assert_eq!(upstream.scheme_str(), Some("http"), "{good}");
+    }
+    for (bad, why) in [
+        ("https://ns.example.org", "uses https"),
+        ("nightscout:1337", "is not an http:// URL"),
+        ("http://nightscout:1337/site", "has a path"),
+        ("http://nightscout:1337/?x=1", "has a path"),
+        ("http://", "is not a URL"),
+        ("ftp://nightscout", "is not an http:// URL"),
+    ] {
+        let mut pairs = minimal();
+        pairs.push(("NSBRIDGE_UPSTREAM", bad));
+        let e = load_err(&pairs);
+        assert_eq!(e.setting, "upstream", "{bad}");
+        assert!(e.problem.contains(why), "{bad}: {}", e.problem);
+    }
+}

@@ -16,6 +16,8 @@ pub const API_SECRET: &str = "this is my long pass phrase";
 
 pub struct TestBridge {
     pub port: u16,
+    /// Where the bridge's own endpoints are: `/nsbridge` in front-door mode.
+    pub prefix: &'static str,
     child: Option<Child>,
     log_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -73,8 +75,12 @@ impl TestBridge {
             .stderr(log)
             .spawn()
             .expect("starting nsbridge");
+        let front_door = env
+            .iter()
+            .any(|(k, v)| *k == "NSBRIDGE_UPSTREAM" && !v.is_empty());
         let mut bridge = TestBridge {
             port: 0,
+            prefix: if front_door { "/nsbridge" } else { "" },
             child: Some(child),
             log_path,
             _dir: dir,
@@ -128,7 +134,7 @@ impl TestBridge {
     pub async fn ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, _)) = http_get(self.port, "/readyz").await {
+            if let Ok((200, _)) = http_get(self.port, &format!("{}/readyz", self.prefix)).await {
                 return;
             }
             assert!(

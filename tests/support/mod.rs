@@ -8,4 +8,5 @@ pub mod http;
 pub mod prometheus;
 pub mod puppet;
 pub mod store;
+pub mod upstream;
 pub mod ws;

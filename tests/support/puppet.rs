@@ -185,11 +185,25 @@ impl Puppet {
     }
 
     pub async fn emit_with_ack(&mut self, id: &str, event: &str, args: Value) -> Vec<Value> {
-        let tag = self.tag();
-        self.send(json!({"op": "emit", "id": id, "ns": "/storage", "event": event, "args": args, "ack": true, "tag": tag}))
-            .await;
+        self.emit_with_ack_in(id, "/storage", event, args).await
+    }
+
+    /// Emits on namespace `ns` and returns the ack's arguments.
+    pub async fn emit_with_ack_in(&mut self, id: &str, ns: &str, event: &str, args: Value) -> Vec<Value> {
+        let tag = self.emit_acked(id, ns, event, args).await;
         let ack = self.expect(|r| r["type"] == "ack" && r["tag"] == tag).await;
         ack["args"].as_array().unwrap().clone()
+    }
+
+    /// Emits on namespace `ns` asking for an ack, without waiting for it; returns the tag
+    /// its `ack` report will carry.
+    pub async fn emit_acked(&mut self, id: &str, ns: &str, event: &str, args: Value) -> String {
+        let tag = self.tag();
+        self.send(
+            json!({"op": "emit", "id": id, "ns": ns, "event": event, "args": args, "ack": true, "tag": tag}),
+        )
+        .await;
+        tag
     }
 
     /// Emits without asking for an ack.

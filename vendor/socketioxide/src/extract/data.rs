@@ -121,6 +121,34 @@ where
     }
 }
 
+/// An Extractor that returns the incoming message as it arrived: its data undecoded (with
+/// the common parser, the JSON array `["event", ...args]`) and the ack id the client asked
+/// for, if any. For relays and proxies that forward messages whatever their shape and
+/// number of arguments, and answer acks themselves (by emitting an encoded ack packet).
+#[derive(Debug, Clone)]
+pub struct RawMessage {
+    /// The message's data, as the parser received it.
+    pub data: Value,
+    /// The id of the ack the client waits for, if it asked for one.
+    pub ack_id: Option<i64>,
+}
+impl<A> FromMessageParts<A> for RawMessage
+where
+    A: Adapter,
+{
+    type Error = Infallible;
+    fn from_message_parts(
+        _: &Arc<Socket<A>>,
+        v: &mut Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Infallible> {
+        Ok(RawMessage {
+            data: v.clone(),
+            ack_id: *ack_id,
+        })
+    }
+}
+
 super::__impl_deref!(TryData<T>: Result<T, ParserError>);
 super::__impl_deref!(Data);
 super::__impl_deref!(Event: str);
