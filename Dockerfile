@@ -50,7 +50,15 @@ FROM debian:bookworm-slim
 # runAsNonRoot/runAsUser can rely on it. No home directory, no login shell.
 RUN groupadd --system --gid 10001 nsbridge \
     && useradd --system --uid 10001 --gid nsbridge --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin nsbridge
+        --home-dir /nonexistent --shell /usr/sbin/nologin nsbridge \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/nsbridge
+
+# The bridge's own state: its position in the change stream (one small JSON file per
+# database), so that a restarted or upgraded bridge resumes where it stopped and clients
+# that reconnect with `since` lose nothing. A volume, so that it outlives the container;
+# the bridge still needs only read access to MongoDB.
+ENV NSBRIDGE_STATE_DIR=/var/lib/nsbridge
+VOLUME ["/var/lib/nsbridge"]
 
 COPY --from=builder /usr/local/bin/nsbridge /usr/local/bin/nsbridge
 

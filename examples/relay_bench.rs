@@ -15,14 +15,16 @@
 //!    treatments), without and with that compression.
 
 use std::io::Write as _;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
+
+mod common;
+use common::{Killed, free_port, repo, rss_kib, start_store};
 
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]
@@ -32,38 +34,8 @@ const CLIENTS: usize = 100;
 const EVENTS: usize = 100;
 const RATE_PER_S: u64 = 10;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The Nightscout stand-in, on `port`.
@@ -103,27 +75,6 @@ fn start_bridge(port: u16, upstream_port: u16, store_port: u16) -> Killed {
             .spawn()
             .expect("nsbridge"),
     )
-}
-
-fn start_store(port: u16, dir: &std::path::Path) -> Killed {
-    let mut child = Command::new(repo().join("target/test-store/venv/bin/python"))
-        .arg(repo().join("tests/support/store/nx_launcher.py"))
-        .args(["--host", "127.0.0.1", "-p", &port.to_string(), "--data-dir"])
-        .arg(dir)
-        .arg("--pid-file")
-        .arg(dir.join("pid"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the compatibility store (run scripts/bench)");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.contains("ready"), "{line}");
-    Killed(child)
 }
 
 /// A raw Engine.IO 4 client of the root namespace, recording each `tick` event's latency.

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::middleware::from_fn_with_state;
 use nsbridge::auth::store::AuthStore;
+use nsbridge::channel::replay::Catalog;
 use nsbridge::channel::{Channel, ChannelConfig, transport};
 use nsbridge::delivery::DeliveryWindow;
 use nsbridge::feed::{Feed, FeedEvent};
@@ -13,6 +14,7 @@ use nsbridge::http::{self, HttpState};
 use nsbridge::mapping::{Mapper, MappingRules};
 use nsbridge::net::Connections;
 use nsbridge::settings::{Settings, redact_uri};
+use nsbridge::state::{StateStore, resume_point};
 use nsbridge::upstream::Upstream;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,11 +48,31 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         replace_window_ms: settings.replace_window.as_millis() as i64,
         names: settings.collections.clone(),
     };
-    let feed = Feed::new(
-        db,
+    let state = StateStore::new(&settings.state, &db);
+    state
+        .prepare()
+        .context("state_dir (NSBRIDGE_STATE_DIR) must be a writable directory")?;
+    let resumed = match state.load().await {
+        Ok(saved) => saved,
+        Err(e) => {
+            metrics::counter!(nsbridge::telemetry::metric::RESUME_FAILURES).increment(1);
+            tracing::error!(error = %e, "cannot use the saved resume position; starting from the present");
+            None
+        }
+    };
+    let mut feed = Feed::new(
+        db.clone(),
         Mapper::new(rules, settings.identifier_cache_size),
         settings.mongo.pre_images,
     );
+    if let Some(point) = resumed.as_ref().and_then(resume_point) {
+        tracing::info!(
+            state = %state.describe(),
+            events_to_read_again = point.sent_after,
+            "resuming the change stream where the last run's history started"
+        );
+        feed = feed.resuming_at(point);
+    }
     let feed_status = feed.status();
     let window = DeliveryWindow::new(settings.channel.max_events_in_flight);
     let upstream = settings
@@ -64,6 +86,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             slow_client_timeout: settings.channel.slow_client_timeout,
             throttle: settings.auth.throttle.clone(),
             upstream: upstream.clone(),
+            history: settings.history.limits,
+            resumed,
+            recovery_window: settings.history.recovery_window,
+            replay: settings.history.replay,
+            catalog: Some(Catalog {
+                db,
+                names: settings.collections.clone(),
+            }),
             ..ChannelConfig::default()
         },
         auth.clone(),
@@ -92,6 +122,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(channel.clone().follow_auth(shutdown.clone())),
         tokio::spawn(channel.clone().watch_slow_clients(shutdown.clone())),
         tokio::spawn(fan_out(channel.clone(), events)),
+        tokio::spawn(nsbridge::state::keep_saving(
+            state.clone(),
+            channel.clone(),
+            shutdown.clone(),
+        )),
     ];
 
     let upkeep = metrics.clone();
@@ -153,6 +188,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     for task in tasks {
         let _ = tokio::time::timeout_at(deadline.into(), task).await;
+    }
+    // The feed has stopped: where the next run reads the stream again from.
+    if let Some(checkpoint) = channel.checkpoint() {
+        match tokio::time::timeout_at(deadline.into(), state.save(&checkpoint)).await {
+            Ok(Ok(())) => {
+                tracing::info!(state = %state.describe(), last_event = checkpoint.sent_seq, "resume position saved")
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot save the resume position"),
+            Err(_) => tracing::error!("saving the resume position timed out"),
+        }
     }
     // Let the driver kill the change streams' cursors and close its connections before
     // the runtime goes away under it.

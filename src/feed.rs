@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bson::{Document, doc};
+use bson::{Bson, Document, doc};
 use futures::StreamExt;
 use mongodb::Database;
 use mongodb::change_stream::ChangeStream;
@@ -25,13 +25,28 @@ const OPERATION_TYPES: [&str; 6] = ["insert", "update", "replace", "delete", "dr
 const CHANGE_STREAM_FATAL: i32 = 280;
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
 
-/// A bridge event, when its change event arrived (for the bridge's own latency), and
-/// its place in the delivery window.
+/// A bridge event, when its change event arrived (for the bridge's own latency), its
+/// place in the delivery window, and its place in the stream.
 #[derive(Debug)]
 pub struct FeedEvent {
     pub event: BridgeEvent,
     pub received: Instant,
     pub slot: Slot,
+    /// The resume token after this event.
+    pub token: Option<Bson>,
+    /// Read again after a restart to refill the history: it was sent before.
+    pub sent_before: bool,
+    /// The stream could not be resumed and started from the present at this time (ms):
+    /// events written before may have been missed.
+    pub gap_end_ms: Option<i64>,
+}
+
+/// Where a restarted bridge reads the stream again from, as saved by the last run.
+#[derive(Debug, Clone)]
+pub struct ResumePoint {
+    pub token: ResumeToken,
+    /// Events the last run sent after the token: read again, for the history only.
+    pub sent_after: u64,
 }
 
 /// Whether the change stream is delivering, for readiness.
@@ -73,6 +88,10 @@ pub struct Feed {
     backoff: Backoff,
     status: watch::Sender<FeedStatus>,
     start: Start,
+    /// Events still to be read again that were sent before a restart.
+    sent_before: u64,
+    /// When the stream had to start from the present, until the next event says so.
+    gap_end_ms: Option<i64>,
 }
 
 impl Feed {
@@ -84,7 +103,16 @@ impl Feed {
             backoff: Backoff::default(),
             status: watch::Sender::new(FeedStatus::Starting),
             start: Start::Now,
+            sent_before: 0,
+            gap_end_ms: None,
         }
+    }
+
+    /// Starts where a previous run stopped instead of at the present.
+    pub fn resuming_at(mut self, point: ResumePoint) -> Self {
+        self.start = Start::Resume(point.token);
+        self.sent_before = point.sent_after;
+        self
     }
 
     pub fn with_backoff(mut self, backoff: Backoff) -> Self {
@@ -206,15 +234,17 @@ impl Feed {
                         _ = shutdown.cancelled() => return StreamEnd::Shutdown,
                         slot = window.admit() => slot,
                     };
-                    if events
-                        .send(FeedEvent {
-                            event,
-                            received,
-                            slot,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    let sent_before = self.sent_before > 0;
+                    self.sent_before = self.sent_before.saturating_sub(1);
+                    let feed_event = FeedEvent {
+                        event,
+                        received,
+                        slot,
+                        token: change.get("_id").cloned(),
+                        sent_before,
+                        gap_end_ms: self.gap_end_ms.take(),
+                    };
+                    if events.send(feed_event).await.is_err() {
                         return StreamEnd::Shutdown;
                     }
                 }
@@ -248,6 +278,8 @@ impl Feed {
                  the present: events written in between may have been missed"
             );
             self.start = Start::Now;
+            self.sent_before = 0;
+            self.gap_end_ms = Some(now_ms());
         } else {
             tracing::warn!(error = %e, "{doing} failed; retrying");
         }
@@ -275,10 +307,13 @@ fn log_reopen(reason: ReopenReason) {
 
 /// Now minus the write's wall time, in seconds (never negative: clocks differ).
 fn lag_seconds(wall_time_ms: i64) -> f64 {
-    let now_ms = SystemTime::now()
+    (now_ms() - wall_time_ms).max(0) as f64 / 1000.0
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    (now_ms - wall_time_ms).max(0) as f64 / 1000.0
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn resume_impossible(e: &MongoError) -> bool {

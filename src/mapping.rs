@@ -65,6 +65,9 @@ pub struct BridgeEvent {
     pub body: EventBody,
     /// The write's wall-clock time in ms, when MongoDB reports one (for lag metrics).
     pub wall_time_ms: Option<i64>,
+    /// The document's `srvModified` after the write (a soft delete's too), what a client's
+    /// `since` is compared with; `None` for a permanent delete.
+    pub modified_ms: Option<i64>,
 }
 
 impl BridgeEvent {
@@ -323,36 +326,52 @@ impl Mapper {
     /// no `identifier` or `srvCreated` of its own, and AndroidAPS keys its records by the
     /// one and reads the other.
     fn document_body(&self, ctx: &EventContext<'_>, doc: &Document) -> EventBody {
-        let mut doc = doc.clone();
-        if !has_identifier(&doc) {
-            doc.insert("identifier", ctx.id.clone());
-        }
-        if is_absent(doc.get("srvCreated"))
-            && let Some(created) = original_date(ctx, &doc)
-        {
-            doc.insert("srvCreated", created);
-        }
-        if is_absent(doc.get("srvModified"))
-            && let Some(wall) = ctx.wall_time_ms
-        {
-            doc.insert("srvModified", wall);
-        }
-        EventBody::Doc(doc)
+        EventBody::Doc(normalise(
+            ctx.collection,
+            doc,
+            &ctx.id,
+            previous_srv_modified(ctx, doc),
+            ctx.wall_time_ms,
+        ))
     }
 }
 
-/// The date a document was first stored, in ms: its `srvModified` before this write if it
-/// had one, else the collection's own date field.
-fn original_date(ctx: &EventContext<'_>, doc: &Document) -> Option<i64> {
+/// A stored document as an event carries it (spec §3): with its `identifier` (else its
+/// `_id`), its `srvCreated` (else `previous_srv_modified`, its `srvModified` before this
+/// write, else its collection's date field) and its `srvModified` (else the write's time).
+pub fn normalise(
+    collection: Collection,
+    doc: &Document,
+    id: &str,
+    previous_srv_modified: Option<i64>,
+    wall_time_ms: Option<i64>,
+) -> Document {
+    let mut doc = doc.clone();
+    if !has_identifier(&doc) {
+        doc.insert("identifier", id.to_string());
+    }
+    if is_absent(doc.get("srvCreated"))
+        && let Some(created) = previous_srv_modified.or_else(|| date_field(collection, &doc))
+    {
+        doc.insert("srvCreated", created);
+    }
+    if is_absent(doc.get("srvModified"))
+        && let Some(wall) = wall_time_ms
+    {
+        doc.insert("srvModified", wall);
+    }
+    doc
+}
+
+/// The document's `srvModified` before this write, if it had one.
+fn previous_srv_modified(ctx: &EventContext<'_>, doc: &Document) -> Option<i64> {
     let before = match (ctx.pre_image, ctx.updated_fields) {
         (Some(before), _) => number(before.get("srvModified")),
         // An update that left `srvModified` alone: the document still has the old one.
         (None, Some(updated)) if !updated.contains_key("srvModified") => number(doc.get("srvModified")),
         _ => None,
     };
-    before
-        .map(|ms| ms as i64)
-        .or_else(|| date_field(ctx.collection, doc))
+    before.map(|ms| ms as i64)
 }
 
 /// `entries`: `date` (ms); `settings`: none; the others: `created_at` (ISO-8601).
@@ -389,11 +408,20 @@ struct EventContext<'a> {
 
 impl EventContext<'_> {
     fn relay(&self, kind: EventKind, body: EventBody) -> Decision {
+        let modified = match &body {
+            EventBody::Doc(doc) => number(doc.get("srvModified")),
+            // A soft delete: the `srvModified` it set.
+            EventBody::Identifier(_) => self
+                .updated_fields
+                .and_then(|u| number(u.get("srvModified")))
+                .or_else(|| self.full_document.and_then(|d| number(d.get("srvModified")))),
+        };
         Decision::Relay(BridgeEvent {
             collection: self.collection,
             kind,
             body,
             wall_time_ms: self.wall_time_ms,
+            modified_ms: modified.map(|ms| ms as i64),
         })
     }
 }

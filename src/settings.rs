@@ -16,7 +16,9 @@ use config::{Config, Environment, File, FileFormat};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::auth::throttle::ThrottleConfig;
+use crate::channel::replay::ReplayLimits;
 use crate::collections::CollectionNames;
+use crate::history::HistoryLimits;
 use crate::mapping::RelayMode;
 use crate::net::ConnectionLimits;
 
@@ -56,7 +58,26 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub channel: ChannelSettings,
     pub connections: ConnectionLimits,
+    pub state: StateLocation,
+    pub history: HistorySettings,
     pub log: LogSettings,
+}
+
+/// Where the resume position is kept across restarts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateLocation {
+    /// Not kept: a restarted bridge starts from the present.
+    None,
+    Directory(std::path::PathBuf),
+    /// A collection of the watched database (the bridge then writes to it).
+    Collection(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct HistorySettings {
+    pub limits: HistoryLimits,
+    pub recovery_window: Duration,
+    pub replay: ReplayLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -122,12 +143,31 @@ struct RawSettings {
     relay: String,
     replace_window_secs: u64,
     identifier_cache_size: usize,
+    state_dir: String,
+    state_collection: String,
     mongo: RawMongo,
     collections: CollectionNames,
     auth: RawAuth,
     channel: RawChannel,
     connections: RawConnections,
+    history: RawHistory,
+    replay: RawReplay,
     log: RawLog,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHistory {
+    max_age_secs: u64,
+    max_events: usize,
+    recovery_window_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReplay {
+    max_since_age_days: u64,
+    max_documents: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -364,6 +404,13 @@ impl Settings {
             ),
             ("auth.failure_window_secs", raw.auth.failure_window_secs as usize),
             ("auth.max_pending_failures", raw.auth.max_pending_failures),
+            ("history.max_age_secs", raw.history.max_age_secs as usize),
+            ("history.max_events", raw.history.max_events),
+            (
+                "replay.max_since_age_days",
+                raw.replay.max_since_age_days as usize,
+            ),
+            ("replay.max_documents", raw.replay.max_documents),
         ] {
             if value == 0 {
                 return Err(SettingsError::new(setting, "must be at least 1"));
@@ -376,6 +423,13 @@ impl Settings {
             if value.is_empty() {
                 return Err(SettingsError::new(setting, "must not be empty"));
             }
+        }
+        let state = state_location(&raw.state_dir, &raw.state_collection, &raw.collections)?;
+        if raw.replay.max_since_age_days > 3650 {
+            return Err(SettingsError::new(
+                "replay.max_since_age_days",
+                "must be at most 3650",
+            ));
         }
         let format = match raw.log.format.as_str() {
             "text" => LogFormat::Text,
@@ -423,12 +477,58 @@ impl Settings {
                 keep_alive_timeout: Duration::from_secs(raw.connections.keep_alive_timeout_secs),
                 request_body_timeout: Duration::from_secs(raw.connections.request_body_timeout_secs),
             },
+            state,
+            history: HistorySettings {
+                limits: HistoryLimits {
+                    max_age: Duration::from_secs(raw.history.max_age_secs),
+                    max_events: raw.history.max_events,
+                },
+                recovery_window: Duration::from_secs(raw.history.recovery_window_secs),
+                replay: ReplayLimits {
+                    max_since_age: Duration::from_secs(raw.replay.max_since_age_days * 24 * 3600),
+                    max_documents: raw.replay.max_documents,
+                },
+            },
             log: LogSettings {
                 format,
                 level: raw.log.level.clone(),
             },
         };
         Ok((settings, raw))
+    }
+}
+
+/// `state_dir` or `state_collection`, at most one of them.
+fn state_location(
+    dir: &str,
+    collection: &str,
+    names: &CollectionNames,
+) -> Result<StateLocation, SettingsError> {
+    match (dir.trim(), collection.trim()) {
+        ("", "") => Ok(StateLocation::None),
+        (dir, "") => Ok(StateLocation::Directory(dir.into())),
+        ("", collection) => {
+            let valid = !collection.starts_with("system.")
+                && !collection.contains(['$', '\0'])
+                && collection.len() <= 120;
+            if !valid {
+                return Err(SettingsError::new(
+                    "state_collection",
+                    format!("{collection:?} is not a usable MongoDB collection name"),
+                ));
+            }
+            if names.logical(collection).is_some() {
+                return Err(SettingsError::new(
+                    "state_collection",
+                    format!("{collection:?} is one of Nightscout's collections"),
+                ));
+            }
+            Ok(StateLocation::Collection(collection.to_string()))
+        }
+        _ => Err(SettingsError::new(
+            "state_collection",
+            "set either state_dir or state_collection, not both",
+        )),
     }
 }
 

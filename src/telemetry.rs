@@ -35,6 +35,12 @@ pub mod metric {
     pub const CONNECTION_LIMIT: &str = "nsbridge_connection_limit";
     pub const CONNECTIONS_REFUSED: &str = "nsbridge_connections_refused_total";
     pub const CONNECTIONS_CLOSED: &str = "nsbridge_connections_closed_total";
+    pub const REPLAYS: &str = "nsbridge_replays_total";
+    pub const REPLAYED_EVENTS: &str = "nsbridge_replayed_events_total";
+    pub const REPLAYS_INCOMPLETE: &str = "nsbridge_replays_incomplete_total";
+    pub const RECOVERIES: &str = "nsbridge_recoveries_total";
+    pub const HISTORY_EVENTS: &str = "nsbridge_history_events";
+    pub const STATE_SAVE_FAILURES: &str = "nsbridge_state_save_failures_total";
 }
 
 /// Installs the global log subscriber: `RUST_LOG` when set, else the configured level.
@@ -118,6 +124,27 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
     describe_counter!(
         AUTH_THROTTLED,
         "Failed subscribes, by outcome: delayed (answered after a wait) or refused (too many waiting)."
+    );
+    describe_counter!(
+        REPLAYS,
+        "Replays served to clients that reconnected, by source: history, collections (a since older than the history) or recovery (Socket.IO connection state recovery)."
+    );
+    describe_counter!(REPLAYED_EVENTS, "Events sent in replays.");
+    describe_counter!(
+        REPLAYS_INCOMPLETE,
+        "Replays that could not give every missed event: from the collections (no permanent deletes), cut short, or refused."
+    );
+    describe_counter!(
+        RECOVERIES,
+        "Socket.IO connection state recoveries asked for, by outcome: recovered, or too_late."
+    );
+    describe_gauge!(
+        HISTORY_EVENTS,
+        "Events held in the history for clients that reconnect."
+    );
+    describe_counter!(
+        STATE_SAVE_FAILURES,
+        "Times the resume position could not be saved to the state directory or collection."
     );
     describe_counter!(
         SLOW_CLIENT_DISCONNECTS,

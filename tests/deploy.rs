@@ -128,6 +128,16 @@ fn compose_stack_wires_mongo_nightscout_and_the_bridge() {
         text(&bridge["environment"]["NSBRIDGE_UPSTREAM"]),
         "http://nightscout:1337"
     );
+    // Its resume position outlives the container, on a named volume at the image's
+    // state directory.
+    assert!(
+        strings(&bridge["volumes"])
+            .iter()
+            .any(|v| v.starts_with("nsbridge-state:/var/lib/nsbridge")),
+        "{:?}",
+        strings(&bridge["volumes"])
+    );
+    assert!(!config["volumes"]["nsbridge-state"].is_badvalue());
     assert_eq!(strings(&nightscout["expose"]), ["1337"]);
     assert!(!bridge["restart"].is_badvalue());
 }
@@ -163,6 +173,17 @@ fn dockerfile_runs_as_non_root_with_the_binary_as_health_check() {
     assert!(
         !user.contains("root") && !user.ends_with(" 0") && !user.contains(" 0:"),
         "{user}"
+    );
+    // The state directory is a volume the unprivileged user owns, named by the setting.
+    assert!(
+        instructions.contains(&r#"VOLUME ["/var/lib/nsbridge"]"#),
+        "{instructions:?}"
+    );
+    assert!(instructions.contains(&"ENV NSBRIDGE_STATE_DIR=/var/lib/nsbridge"));
+    assert!(
+        instructions
+            .iter()
+            .any(|l| l.contains("install -d -o 10001 -g 10001") && l.contains("/var/lib/nsbridge"))
     );
     let health = instructions
         .iter()

@@ -17,6 +17,8 @@ use http_body_util::StreamBody;
 use hyper::body::Frame;
 use mongodb::bson::{self, Bson, Document, doc, oid::ObjectId};
 use nsbridge::auth::AuthSnapshot;
+use nsbridge::channel::recovery::{Asked, asked};
+use nsbridge::channel::replay::{ReplayLimits, check_since};
 use nsbridge::channel::subscribe::{Ack, Decision, MAX_TOKEN_BYTES, Request, decide};
 use nsbridge::channel::transport::session_id;
 use nsbridge::collections::{Collection, CollectionNames};
@@ -302,6 +304,14 @@ fn subscribe_payload() {
             if request.token.is_some_and(|t| t.len() > MAX_TOKEN_BYTES) {
                 panic!("a token over {MAX_TOKEN_BYTES} bytes was read");
             }
+            // Any since is answered: a time within the replay limits, or a reason.
+            if let Some(since) = request.since {
+                let now = 1_800_000_000_000;
+                let limits = ReplayLimits::default();
+                if let Ok(ms) = check_since(since, now, &limits) {
+                    assert!(ms >= now - limits.max_since_age.as_millis() as i64 && ms <= now + 60_000);
+                }
+            }
             let ack = serde_json::to_value(&ack).unwrap();
             let shape_ok = match ack["success"] {
                 Value::Bool(true) => ack["collections"].as_array().is_some_and(|c| {
@@ -313,6 +323,33 @@ fn subscribe_payload() {
                 _ => false,
             };
             assert!(shape_ok, "{ack}");
+        },
+    );
+}
+
+/// The auth payload of a `/storage` CONNECT, as connection state recovery reads it.
+#[test]
+fn connect_auth() {
+    fuzz(
+        "connect_auth",
+        |rng| {
+            let mut auth = match rng.u8(..3) {
+                0 => json!({"pid": text(rng, 0..80), "offset": text(rng, 0..25)}),
+                1 => json!({"recovery": json_value(rng, 1), "pid": json_value(rng, 2)}),
+                _ => json_value(rng, 3),
+            };
+            if rng.bool() && auth.is_object() {
+                auth["offset"] = json_value(rng, 2);
+            }
+            auth.to_string().into_bytes()
+        },
+        |input| {
+            let Ok(auth) = serde_json::from_slice::<Value>(input) else {
+                return;
+            };
+            if let Asked::Recover { pid, .. } = asked(Some(&auth)) {
+                assert!(!pid.is_empty() && pid.len() <= 64, "pid {pid:?}");
+            }
         },
     );
 }
@@ -368,7 +405,15 @@ const SETTING_KEYS: &[&str] = &[
     "auth.default_roles",
     "auth.failure_delay_ms",
     "auth.max_pending_failures",
-    "channel.queue_size",
+    "channel.max_events_in_flight",
+    "channel.slow_client_timeout_secs",
+    "state_dir",
+    "state_collection",
+    "history.max_age_secs",
+    "history.max_events",
+    "history.recovery_window_secs",
+    "replay.max_since_age_days",
+    "replay.max_documents",
     "connections.max",
     "connections.header_read_timeout_secs",
     "log.format",

@@ -1,6 +1,8 @@
 //! The `/storage` Socket.IO channel: `subscribe`, one room per collection, fan-out of
 //! bridge events to the rooms, and the protections Nightscout's channel lacks.
 
+pub mod recovery;
+pub mod replay;
 pub mod rooms;
 pub mod slow;
 pub mod subscribe;
@@ -8,7 +10,8 @@ pub mod transport;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
@@ -26,10 +29,13 @@ use crate::auth::throttle::{FailureThrottle, ThrottleConfig, client_address};
 use crate::auth::token::fingerprint;
 use crate::collections::Collection;
 use crate::delivery::{DeliveryWindow, encode};
-use crate::feed::FeedEvent;
+use crate::feed::{FeedEvent, now_ms};
+use crate::history::{Checkpoint, History, HistoryLimits};
 use crate::net::ConnectionInfo;
 use crate::telemetry::metric;
 use crate::upstream::Upstream;
+use recovery::{Asked, Grants, Recoverable};
+use replay::{Catalog, Plan, ReplayLimits};
 use rooms::Rooms;
 use slow::{Observations, SlowClientRule};
 use subscribe::{Ack, Decision, Request, decide};
@@ -46,6 +52,18 @@ const MAX_PAYLOAD: u64 = 1_000_000;
 /// packets. The window bounds the events in any buffer, so the buffer never fills.
 const BUFFER_HEADROOM: usize = 64;
 
+/// Disconnected sockets whose subscriptions are kept for connection state recovery; past
+/// it, the one closest to expiring is forgotten.
+const RECOVERABLE_SOCKETS: usize = 100_000;
+
+/// Replays from the collections (a `since` older than the history) that read MongoDB at
+/// once; others wait their turn.
+const COLLECTION_READS: usize = 2;
+
+/// Replays sent at once: each is short (paced by its client's buffer, cut after
+/// `slow_client_timeout` of no progress), so the queue after a restart drains fast.
+const REPLAYS_AT_ONCE: usize = 32;
+
 #[derive(Clone)]
 pub struct ChannelConfig {
     /// Take the client address from X-Forwarded-For (behind a trusted proxy only).
@@ -59,6 +77,15 @@ pub struct ChannelConfig {
     pub auth_wait: Duration,
     /// Front-door mode: Nightscout, to which the other namespaces are relayed.
     pub upstream: Option<Arc<Upstream>>,
+    /// How much of what was sent is kept for clients that reconnect.
+    pub history: HistoryLimits,
+    /// Where the history carries on from after a restart (see [`crate::state`]).
+    pub resumed: Option<Checkpoint>,
+    /// How long a disconnected socket may recover its state (0: never).
+    pub recovery_window: Duration,
+    pub replay: ReplayLimits,
+    /// The collections, for a `since` older than the history.
+    pub catalog: Option<Catalog>,
 }
 
 impl Default for ChannelConfig {
@@ -70,7 +97,53 @@ impl Default for ChannelConfig {
             throttle: ThrottleConfig::default(),
             auth_wait: Duration::from_secs(10),
             upstream: None,
+            history: HistoryLimits::default(),
+            resumed: None,
+            recovery_window: Duration::from_secs(120),
+            replay: ReplayLimits::default(),
+            catalog: None,
         }
+    }
+}
+
+/// A socket in the rooms: whether it gets events with their offsets (connection state
+/// recovery).
+#[derive(Clone)]
+pub struct Subscriber {
+    pub socket: SocketRef,
+    pub recovers: bool,
+}
+
+/// Per socket: its subscriptions are changed one at a time, so that a replay and the
+/// switch to live are never interleaved with another.
+struct Session {
+    subscribing: Arc<tokio::sync::Mutex<()>>,
+    recovers: bool,
+    /// A recovered socket's subscriptions and the offset it reconnected at, until restored.
+    restore: Mutex<Option<(Grants, u64)>>,
+    /// The history's position when it first joined a room (`u64::MAX`: never).
+    joined_after: AtomicU64,
+}
+
+impl Default for Session {
+    fn default() -> Self {
+        Session {
+            subscribing: Arc::default(),
+            recovers: false,
+            restore: Mutex::new(None),
+            joined_after: AtomicU64::new(u64::MAX),
+        }
+    }
+}
+
+/// Notes where a socket joined (the first time), for a recovery without an offset; called
+/// under the rooms' write lock.
+fn note_joined(socket: &SocketRef, position: u64) {
+    if let Some(session) = socket.extensions.get::<Arc<Session>>() {
+        let _ =
+            session
+                .joined_after
+                .compare_exchange(u64::MAX, position, Ordering::Relaxed, Ordering::Relaxed);
     }
 }
 
@@ -81,7 +154,16 @@ pub struct Channel {
 }
 
 struct ChannelState {
-    rooms: RwLock<Rooms<Sid, SocketRef>>,
+    rooms: RwLock<Rooms<Sid, Subscriber>>,
+    /// Taken after `rooms`, never before.
+    history: Mutex<History>,
+    recoverable: Mutex<Recoverable>,
+    replay: ReplayLimits,
+    catalog: Option<Catalog>,
+    /// Replays read from the collections at once.
+    collection_reads: tokio::sync::Semaphore,
+    /// Replays under way at once; others wait their turn.
+    replays: tokio::sync::Semaphore,
     auth: SnapshotReceiver,
     throttle: FailureThrottle,
     window: DeliveryWindow,
@@ -105,8 +187,18 @@ impl Channel {
             // No client of this channel sends binary: refuse attachments outright.
             .with_parser(ParserConfig::common().max_incoming_binaries(0))
             .build_layer();
+        let history = match &config.resumed {
+            Some(at) => History::resumed(config.history, at.seq, at.complete_after_ms),
+            None => History::new(config.history, now_ms()),
+        };
         let state = Arc::new(ChannelState {
             rooms: RwLock::new(Rooms::default()),
+            history: Mutex::new(history),
+            recoverable: Mutex::new(Recoverable::new(config.recovery_window, RECOVERABLE_SOCKETS)),
+            replay: config.replay,
+            catalog: config.catalog,
+            collection_reads: tokio::sync::Semaphore::new(COLLECTION_READS),
+            replays: tokio::sync::Semaphore::new(REPLAYS_AT_ONCE),
             auth,
             throttle: FailureThrottle::new(config.throttle),
             slow_clients: SlowClientRule {
@@ -130,13 +222,18 @@ impl Channel {
             }
         }
         let storage_state = state.clone();
-        let on_connect = async |_: SocketRef| {};
+        let restore_state = state.clone();
+        // A recovered socket gets its subscriptions back once its CONNECT is answered.
+        let on_connect = async move |socket: SocketRef| {
+            drop(restore_state.subscribing(&socket).await);
+        };
         // Handlers are registered before the CONNECT reply goes out: a subscribe sent
         // right after `connect` must find them.
         io.ns(
             NAMESPACE,
-            on_connect.with(async move |socket: SocketRef| {
+            on_connect.with(async move |socket: SocketRef, TryData(auth): TryData<Value>| {
                 connected(&storage_state, &socket);
+                storage_state.start_session(&socket, recovery::asked(auth.ok().as_ref()));
                 let state = storage_state.clone();
                 socket.on(
                     "subscribe",
@@ -158,18 +255,47 @@ impl Channel {
             event,
             received,
             slot,
+            token,
+            sent_before,
+            gap_end_ms,
         } = event;
-        let packet = socketioxide_core::Value::Str(encode(NAMESPACE, &event, slot, received), None);
+        let encoded = encode(NAMESPACE, &event, slot, received);
+        if sent_before {
+            // Read again after a restart: back into the history, not to the sockets.
+            let mut history = self.state.history.lock().unwrap();
+            history.push(&event, encoded.text(), token, now_ms());
+            return;
+        }
+        let live = socketioxide_core::Value::Str(encoded.live(), None);
+        let mut with_offset = None;
         let mut full = Vec::new();
         let delivered = {
+            // The history and the rooms change together: a socket joining after a replay
+            // sees every event either in the history or live, never both.
             let rooms = self.state.rooms.read().unwrap();
+            let seq = {
+                let mut history = self.state.history.lock().unwrap();
+                if let Some(gap_end_ms) = gap_end_ms {
+                    history.gap(gap_end_ms);
+                }
+                history.push(&event, encoded.text(), token, now_ms())
+            };
             let mut delivered = 0;
-            for (_, socket) in rooms.room(event.collection) {
-                match socket.emit_encoded(packet.clone()) {
+            for (_, subscriber) in rooms.room(event.collection) {
+                let packet = if subscriber.recovers {
+                    with_offset
+                        .get_or_insert_with(|| {
+                            socketioxide_core::Value::Str(encoded.live_with_offset(seq), None)
+                        })
+                        .clone()
+                } else {
+                    live.clone()
+                };
+                match subscriber.socket.emit_encoded(packet) {
                     Ok(()) => delivered += 1,
                     // Cannot happen while the window is smaller than the buffer; if it
                     // does, the client is as far behind as any can be.
-                    Err(SocketError::InternalChannelFull) => full.push(socket.clone()),
+                    Err(SocketError::InternalChannelFull) => full.push(subscriber.socket.clone()),
                     // Closed: its disconnect handler removes it.
                     Err(SocketError::Closed) => {}
                 }
@@ -204,10 +330,18 @@ impl Channel {
                 let rooms = self.state.rooms.read().unwrap();
                 rooms
                     .members()
-                    .map(|(sid, socket)| ((*sid, socket.buffered()), (*sid, socket.clone())))
+                    .map(|(sid, s)| ((*sid, s.socket.buffered()), (*sid, s.socket.clone())))
                     .unzip()
             };
-            let slow = observations.observe(self.state.slow_clients, Instant::now(), &buffered);
+            let now = Instant::now();
+            self.state.recoverable.lock().unwrap().forget_expired(now);
+            let held = {
+                let mut history = self.state.history.lock().unwrap();
+                history.forget_old(now_ms());
+                history.len()
+            };
+            metrics::gauge!(metric::HISTORY_EVENTS).set(held as f64);
+            let slow = observations.observe(self.state.slow_clients, now, &buffered);
             for sid in slow {
                 if let Some(socket) = sockets.get(&sid) {
                     self.state
@@ -232,6 +366,11 @@ impl Channel {
         }
     }
 
+    /// Where a restarted bridge would read the stream again from to refill the history.
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.state.history.lock().unwrap().checkpoint()
+    }
+
     /// Disconnects every socket (graceful shutdown).
     pub async fn close(&self) {
         self.io.clone().close().await;
@@ -239,6 +378,76 @@ impl Channel {
 }
 
 impl ChannelState {
+    /// Answers what a `/storage` CONNECT asked of connection state recovery: a private
+    /// session id for a client that opted in, the same one (and its subscriptions, to be
+    /// restored) for one that comes back in time, a new one when it is too late.
+    fn start_session(&self, socket: &SocketRef, asked: Asked) {
+        let recovery_on = !self.recoverable.lock().unwrap().window().is_zero();
+        let mut session = Session::default();
+        match asked {
+            Asked::Recover { pid, offset } if recovery_on => {
+                let kept = self.recoverable.lock().unwrap().take(&pid, Instant::now());
+                let restorable = kept.and_then(|(grants, joined_after)| {
+                    let offset = offset.unwrap_or(joined_after);
+                    let history = self.history.lock().unwrap();
+                    (offset <= history.last_seq() && history.holds_after(offset)).then_some((grants, offset))
+                });
+                match restorable {
+                    Some((grants, offset)) => {
+                        socket.set_pid(pid);
+                        *session.restore.get_mut().unwrap() = Some((grants, offset));
+                        metrics::counter!(metric::RECOVERIES, "outcome" => "recovered").increment(1);
+                    }
+                    _ => {
+                        socket.set_pid(Sid::new().to_string());
+                        metrics::counter!(metric::RECOVERIES, "outcome" => "too_late").increment(1);
+                        tracing::info!(sid = %socket.id, "connection state not recovered: too late, or unknown; the client subscribes again");
+                    }
+                }
+                session.recovers = true;
+            }
+            Asked::Recover { .. } | Asked::OptIn if recovery_on => {
+                socket.set_pid(Sid::new().to_string());
+                session.recovers = true;
+            }
+            _ => {}
+        }
+        socket.extensions.insert(Arc::new(session));
+    }
+
+    /// Waits for the socket's turn to change its subscriptions; a recovered socket's
+    /// subscriptions are restored first, whoever gets there first.
+    async fn subscribing(
+        &self,
+        socket: &SocketRef,
+    ) -> Option<(Subscriber, tokio::sync::OwnedMutexGuard<()>)> {
+        let session = socket.extensions.get::<Arc<Session>>()?;
+        let guard = session.subscribing.clone().lock_owned().await;
+        let subscriber = Subscriber {
+            socket: socket.clone(),
+            recovers: session.recovers,
+        };
+        let restore = session.restore.lock().unwrap().take();
+        if let Some((grants, offset)) = restore {
+            let grants = self.still_granted(grants).await;
+            self.recover_then_join(&subscriber, &grants, offset).await;
+        }
+        Some((subscriber, guard))
+    }
+
+    /// The grants a subject still has: permissions may have changed while it was away.
+    async fn still_granted(&self, grants: Grants) -> Grants {
+        let Some(snapshot) = self.snapshot().await else {
+            return Vec::new();
+        };
+        grants
+            .into_iter()
+            .filter(|(collection, subject)| {
+                snapshot.subject(subject).is_some_and(|s| s.may_read(*collection))
+            })
+            .collect()
+    }
+
     fn snapshot_now(&self) -> Option<Arc<AuthSnapshot>> {
         self.auth.borrow().clone()
     }
@@ -293,6 +502,17 @@ impl ChannelState {
         client_address(connection.peer, forwarded, self.trusted_proxy)
     }
 
+    fn join(&self, subscriber: &Subscriber, grants: &Grants) {
+        {
+            let mut rooms = self.rooms.write().unwrap();
+            note_joined(&subscriber.socket, self.history.lock().unwrap().last_seq());
+            for (collection, subject) in grants {
+                rooms.join(subscriber.socket.id, subscriber, subject, &[*collection]);
+            }
+        }
+        self.update_room_gauges();
+    }
+
     fn update_room_gauges(&self) {
         let rooms = self.rooms.read().unwrap();
         for collection in Collection::ALL {
@@ -324,8 +544,32 @@ fn connected(state: &Arc<ChannelState>, socket: &SocketRef) {
     let state = state.clone();
     socket.on_disconnect(async move |socket: SocketRef, reason: DisconnectReason| {
         metrics::gauge!(metric::SOCKETS_CONNECTED, "namespace" => ns, "protocol" => protocol).decrement(1.0);
-        if ns == NAMESPACE && state.rooms.write().unwrap().remove(socket.id) {
-            state.update_room_gauges();
+        if ns == NAMESPACE {
+            let (grants, removed) = {
+                let mut rooms = state.rooms.write().unwrap();
+                (rooms.grants_of(socket.id), rooms.remove(socket.id))
+            };
+            if removed {
+                state.update_room_gauges();
+            }
+            // A transport lost, not a namespace left on purpose: it may come back.
+            let recoverable = !matches!(
+                reason,
+                DisconnectReason::ClientNSDisconnect
+                    | DisconnectReason::ServerNSDisconnect
+                    | DisconnectReason::ClosingServer
+            );
+            let joined_after = socket
+                .extensions
+                .get::<Arc<Session>>()
+                .map_or(u64::MAX, |s| s.joined_after.load(Ordering::Relaxed));
+            if let Some(pid) = socket.pid().filter(|_| recoverable) {
+                state
+                    .recoverable
+                    .lock()
+                    .unwrap()
+                    .keep(pid.to_string(), grants, joined_after, Instant::now());
+            }
         }
         tracing::info!(sid = %socket.id, namespace = ns, ?reason, "client disconnected");
     });
@@ -370,20 +614,36 @@ async fn on_subscribe(state: &Arc<ChannelState>, socket: SocketRef, payload: Val
             let _ = ack.send(&Ack::for_decision(&decision));
         }
         Decision::Granted { subject, collections } => {
-            state
-                .rooms
-                .write()
-                .unwrap()
-                .join(socket.id, &socket, &subject.id, collections);
-            state.update_room_gauges();
+            let Some((subscriber, _subscribing)) = state.subscribing(&socket).await else {
+                return;
+            };
+            let plan = state.plan(request.since, payload.get("since"), collections).await;
+            let mut reply = Ack::for_decision(&decision);
+            if let Some(info) = plan.info() {
+                reply = reply.with_replay(info.clone());
+            }
+            let subject_id: Arc<str> = Arc::from(subject.id.as_str());
+            let grants: Grants = collections.iter().map(|c| (*c, subject_id.clone())).collect();
             tracing::info!(
                 sid = %socket.id,
                 subject = %subject.name,
                 token = token_fingerprint.as_deref().unwrap_or("none"),
                 collections = ?collections.iter().map(|c| c.name()).collect::<Vec<_>>(),
+                since = ?request.since,
                 "subscribed"
             );
-            let _ = ack.send(&Ack::for_decision(&decision));
+            if let Plan::None(None) = plan {
+                // Nightscout's order: in the rooms, then the ack.
+                state.join(&subscriber, &grants);
+                let _ = ack.send(&reply);
+            } else {
+                // The ack, then what was missed, then live; a socket subscribed before
+                // leaves these rooms meanwhile, so that nothing comes twice or out of order.
+                state.rooms.write().unwrap().leave(socket.id, collections);
+                let _ = ack.send(&reply);
+                let _turn = state.replays.acquire().await;
+                state.replay_then_join(&subscriber, &grants, plan).await;
+            }
         }
     }
 }

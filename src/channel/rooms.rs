@@ -39,6 +39,20 @@ impl<K: Copy + Eq + Hash, S: Clone> Rooms<K, S> {
         }
     }
 
+    /// Takes the socket out of the rooms of `collections`.
+    pub fn leave(&mut self, key: K, collections: &[Collection]) {
+        let Some(grants) = self.members.get_mut(&key) else {
+            return;
+        };
+        for &collection in collections {
+            grants.0[collection.index()] = None;
+            self.rooms[collection.index()].remove(&key);
+        }
+        if grants.0.iter().all(Option::is_none) {
+            self.members.remove(&key);
+        }
+    }
+
     /// Forgets a socket entirely (it disconnected); false when it was in no room.
     pub fn remove(&mut self, key: K) -> bool {
         let Some(grants) = self.members.remove(&key) else {
@@ -90,6 +104,17 @@ impl<K: Copy + Eq + Hash, S: Clone> Rooms<K, S> {
         Collection::ALL
             .into_iter()
             .filter(|c| self.rooms[c.index()].contains_key(&key))
+            .collect()
+    }
+
+    /// The rooms of `key`, each with the subject whose grant keeps it there.
+    pub fn grants_of(&self, key: K) -> Vec<(Collection, Arc<str>)> {
+        let Some(grants) = self.members.get(&key) else {
+            return Vec::new();
+        };
+        Collection::ALL
+            .into_iter()
+            .filter_map(|c| Some((c, grants.0[c.index()].clone()?)))
             .collect()
     }
 
@@ -148,6 +173,26 @@ mod tests {
         let mut everyone: Vec<(u32, &str)> = rooms.members().map(|(k, s)| (*k, *s)).collect();
         everyone.sort();
         assert_eq!(everyone, [(1, "s1"), (2, "s2")]);
+        let grants: Vec<(Collection, String)> = rooms
+            .grants_of(1)
+            .into_iter()
+            .map(|(c, s)| (c, s.to_string()))
+            .collect();
+        assert_eq!(
+            grants,
+            [
+                (Entries, A.to_string()),
+                (Profile, A.to_string()),
+                (Treatments, A.to_string())
+            ]
+        );
+        assert!(rooms.grants_of(9).is_empty());
+        rooms.leave(1, &[Entries, Treatments]);
+        assert_eq!(rooms.rooms_of(1), [Profile]);
+        rooms.leave(1, &[Profile]);
+        assert!(rooms.grants_of(1).is_empty());
+        assert!(!rooms.remove(1), "in no room any more");
+        rooms.join(1, &"s1", A, &[Entries, Profile, Treatments]);
         assert!(rooms.remove(1));
         assert!(!rooms.remove(1));
         assert_eq!(members(&rooms, Entries), [2]);

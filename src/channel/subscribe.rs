@@ -33,6 +33,25 @@ pub enum Decision {
 pub struct Request<'a> {
     pub token: Option<&'a str>,
     pub collections: Vec<Collection>,
+    /// `since`, when given: the largest `srvModified` the client has seen.
+    pub since: Option<Since>,
+}
+
+/// A `since` as given: a time in ms, or why it is none.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Since {
+    Ms(i64),
+    Invalid(&'static str),
+}
+
+impl Since {
+    fn parse(value: &Value) -> Since {
+        match value.as_f64() {
+            Some(ms) if ms.is_finite() && ms >= 0.0 && ms <= i64::MAX as f64 => Since::Ms(ms as i64),
+            Some(_) => Since::Invalid("since must not be negative"),
+            None => Since::Invalid("since must be a number of milliseconds (a srvModified)"),
+        }
+    }
 }
 
 impl<'a> Request<'a> {
@@ -41,6 +60,7 @@ impl<'a> Request<'a> {
             return Request {
                 token: None,
                 collections: Vec::new(),
+                since: None,
             };
         };
         let token = object
@@ -56,7 +76,12 @@ impl<'a> Request<'a> {
                 .collect(),
             _ => Collection::ALL.to_vec(),
         };
-        Request { token, collections }
+        let since = object.get("since").map(Since::parse);
+        Request {
+            token,
+            collections,
+            since,
+        }
     }
 }
 
@@ -77,13 +102,16 @@ pub fn decide(request: &Request<'_>, snapshot: &AuthSnapshot) -> Decision {
     }
 }
 
-/// The ack object, with Nightscout's field order.
-#[derive(Debug, Serialize, PartialEq, Eq)]
+/// The ack object, with Nightscout's field order; `replay` only when the client asked for
+/// one with `since`.
+#[derive(Debug, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum Ack {
     Granted {
         success: bool,
         collections: Vec<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        replay: Option<ReplayInfo>,
     },
     Refused {
         success: bool,
@@ -105,9 +133,36 @@ impl Ack {
             Decision::Granted { collections, .. } => Ack::Granted {
                 success: true,
                 collections: collections.iter().map(|c| c.name()).collect(),
+                replay: None,
             },
         }
     }
+
+    /// This ack with what the replay asked for with `since` will bring.
+    pub fn with_replay(mut self, info: ReplayInfo) -> Ack {
+        if let Ack::Granted { replay, .. } = &mut self {
+            *replay = Some(info);
+        }
+        self
+    }
+}
+
+/// What a replay brings, in the ack of a `subscribe` with `since`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ReplayInfo {
+    /// The `since` given.
+    pub since: Value,
+    /// Events replayed before the live ones.
+    pub events: usize,
+    /// Whether they are every event after `since`.
+    pub complete: bool,
+    /// `history` (the bridge's recent events), or `collections` (the documents
+    /// modified after `since`: every state, but no permanent delete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'static str>,
+    /// Why the replay is incomplete, or why there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[cfg(test)]
@@ -245,10 +300,35 @@ mod tests {
         let granted = Ack::Granted {
             success: true,
             collections: vec!["entries"],
+            replay: None,
         };
         assert_eq!(
             serde_json::to_string(&granted).unwrap(),
             r#"{"success":true,"collections":["entries"]}"#
         );
+        let replayed = granted.with_replay(ReplayInfo {
+            since: json!(1700000000000u64),
+            events: 3,
+            complete: true,
+            from: Some("history"),
+            note: None,
+        });
+        assert_eq!(
+            serde_json::to_string(&replayed).unwrap(),
+            r#"{"success":true,"collections":["entries"],"replay":{"since":1700000000000,"events":3,"complete":true,"from":"history"}}"#
+        );
+    }
+
+    #[test]
+    fn since_is_read_without_trusting_it() {
+        let since = |value: Value| Request::parse(&json!({"accessToken": "x", "since": value})).since;
+        assert_eq!(since(json!(1700000000000u64)), Some(Since::Ms(1_700_000_000_000)));
+        assert_eq!(since(json!(1.7e12)), Some(Since::Ms(1_700_000_000_000)));
+        assert_eq!(since(json!(0)), Some(Since::Ms(0)));
+        assert!(matches!(since(json!(-1)), Some(Since::Invalid(_))));
+        assert!(matches!(since(json!("1700000000000")), Some(Since::Invalid(_))));
+        assert!(matches!(since(json!(null)), Some(Since::Invalid(_))));
+        assert!(matches!(since(json!(1e300)), Some(Since::Invalid(_))));
+        assert_eq!(Request::parse(&json!({"accessToken": "x"})).since, None);
     }
 }

@@ -102,12 +102,19 @@ fn relayed(decision: Decision) -> BridgeEvent {
     }
 }
 
+/// The event the mapper makes: `modified_ms` is the document's `srvModified` (for a delete,
+/// set it where the test expects one).
 fn event(collection: Collection, kind: EventKind, body: EventBody) -> BridgeEvent {
+    let modified_ms = match &body {
+        EventBody::Doc(doc) => number(doc.get("srvModified")).map(|ms| ms as i64),
+        EventBody::Identifier(_) => None,
+    };
     BridgeEvent {
         collection,
         kind,
         body,
         wall_time_ms: Some(WALL_MS),
+        modified_ms,
     }
 }
 
@@ -225,14 +232,15 @@ fn apiv3_soft_delete_is_delete_with_identifier() {
     let updated = doc! { "isValid": false, "srvModified": WALL_MS as f64, "modifiedBy": "apiAll" };
     for mode in [RelayMode::Apiv3, RelayMode::All] {
         let e = relayed(mapper(mode).map(&update("treatments", updated.clone(), Some(after.clone()))));
-        assert_eq!(
-            e,
-            event(
-                Collection::Treatments,
-                EventKind::Delete,
-                EventBody::Identifier("abc".into())
-            )
+        let mut expected = event(
+            Collection::Treatments,
+            EventKind::Delete,
+            EventBody::Identifier("abc".into()),
         );
+        // The srvModified the soft delete set: what a reconnecting client's `since` is
+        // compared with.
+        expected.modified_ms = Some(WALL_MS);
+        assert_eq!(e, expected);
         assert_eq!(e.payload_json(), r#"{"colName":"treatments","identifier":"abc"}"#);
     }
 }

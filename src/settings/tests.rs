@@ -319,3 +319,77 @@ fn upstream_is_nightscouts_internal_http_address() {
         assert!(e.problem.contains(why), "{bad}: {}", e.problem);
     }
 }
+
+#[test]
+fn history_replay_and_state_settings() {
+    let s = load(&minimal()).unwrap();
+    assert_eq!(s.state, StateLocation::None);
+    assert_eq!(s.history.limits, crate::history::HistoryLimits::default());
+    assert_eq!(s.history.recovery_window, Duration::from_secs(120));
+    assert_eq!(s.history.replay, crate::channel::replay::ReplayLimits::default());
+
+    let mut pairs = minimal();
+    pairs.extend([
+        ("NSBRIDGE_STATE_DIR", "/var/lib/nsbridge"),
+        ("NSBRIDGE_HISTORY__MAX_AGE_SECS", "60"),
+        ("NSBRIDGE_HISTORY__RECOVERY_WINDOW_SECS", "0"),
+        ("NSBRIDGE_REPLAY__MAX_DOCUMENTS", "10"),
+    ]);
+    let s = load(&pairs).unwrap();
+    assert_eq!(s.state, StateLocation::Directory("/var/lib/nsbridge".into()));
+    assert_eq!(s.history.limits.max_age, Duration::from_secs(60));
+    assert_eq!(s.history.recovery_window, Duration::ZERO, "0 turns recovery off");
+    assert_eq!(s.history.replay.max_documents, 10);
+
+    let mut pairs = minimal();
+    pairs.push(("NSBRIDGE_STATE_COLLECTION", "nsbridge_state"));
+    assert_eq!(
+        load(&pairs).unwrap().state,
+        StateLocation::Collection("nsbridge_state".into())
+    );
+
+    for (extra, setting, problem) in [
+        (
+            [("NSBRIDGE_STATE_DIR", "/s"), ("NSBRIDGE_STATE_COLLECTION", "s")],
+            "state_collection",
+            "set either state_dir or state_collection, not both",
+        ),
+        (
+            [
+                ("NSBRIDGE_STATE_COLLECTION", "treatments"),
+                ("NSBRIDGE_LOG__LEVEL", "info"),
+            ],
+            "state_collection",
+            "\"treatments\" is one of Nightscout's collections",
+        ),
+        (
+            [
+                ("NSBRIDGE_STATE_COLLECTION", "a$b"),
+                ("NSBRIDGE_LOG__LEVEL", "info"),
+            ],
+            "state_collection",
+            "\"a$b\" is not a usable MongoDB collection name",
+        ),
+        (
+            [
+                ("NSBRIDGE_HISTORY__MAX_EVENTS", "0"),
+                ("NSBRIDGE_LOG__LEVEL", "info"),
+            ],
+            "history.max_events",
+            "must be at least 1",
+        ),
+        (
+            [
+                ("NSBRIDGE_REPLAY__MAX_SINCE_AGE_DAYS", "5000"),
+                ("NSBRIDGE_LOG__LEVEL", "info"),
+            ],
+            "replay.max_since_age_days",
+            "must be at most 3650",
+        ),
+    ] {
+        let mut pairs = minimal();
+        pairs.extend(extra);
+        let e = load_err(&pairs);
+        assert_eq!((e.setting.as_str(), e.problem.as_str()), (setting, problem));
+    }
+}

@@ -11,12 +11,14 @@
 // Commands (fields marked ? are optional):
 //   {"op":"connect","id":"c1","client":"v2"|"v4","url":"http://127.0.0.1:PORT",
 //    "namespaces":["/storage","/alarm"],"transports":["polling","websocket"],
-//    "query"?:{...},"reconnection"?:false,"path"?:"/socket.io","auth"?:{...} (v4 only)}
+//    "query"?:{...},"reconnection"?:false,"path"?:"/socket.io","auth"?:{...} (v4 only),
+//    "reconnectionDelay"?:ms,"reconnectionDelayMax"?:ms,"randomizationFactor"?:0..1}
 //      One Manager (= one Engine.IO connection) per id; one socket per namespace, created
 //      in the order given. v2: `query` is the namespace socket's query (sent inside the
 //      CONNECT packet, `40/storage?x=1,`); v4: `query` is the Manager's (handshake URL).
 //      Reports, per namespace:
-//        {"id","ns","type":"connect"}
+//        {"id","ns","type":"connect"}   v4 adds "recovered": socket.recovered (connection
+//            state recovery) and "pid": whether the server gave a private session id.
 //        {"id","ns","type":"connect_error","message",...}
 //            v4: "data" = err.data when the server sent some.
 //            v2: "raw" = the payload of the namespace `error` event (the server's
@@ -39,6 +41,9 @@
 //      pause longer than pingInterval + pingTimeout ends in a client-side
 //      "ping timeout" disconnect (both clients), reported while still paused.
 //   {"op":"resume","id","tag"}    → {"id","type":"resumed","tag"} (undoes pause).
+//   {"op":"drop","id","tag"}      → {"id","type":"dropped","tag"}: the connection is cut
+//      under the client, as a network loss: the websocket's TCP socket is destroyed
+//      (a polling transport is closed). With "reconnection" the client reconnects.
 //   {"op":"close","id","tag"}     → {"id","type":"closed","tag"}: disconnects every
 //      namespace socket and closes the Engine.IO connection.
 //   {"op":"exit"}                 → exits with status 0 (so does end of stdin).
@@ -184,13 +189,21 @@ function errMessage(e) {
 /** id → { kind, manager, sockets: Map<ns, socket>, paused: net.Socket|null } */
 const clients = new Map();
 
+// Reconnection timing, when given.
+function reconnectionOptions(cmd, opts) {
+  for (const k of ['reconnectionDelay', 'reconnectionDelayMax', 'randomizationFactor']) {
+    if (cmd[k] !== undefined) opts[k] = cmd[k];
+  }
+  return opts;
+}
+
 function connectV2(cmd, client) {
-  const opts = {
+  const opts = reconnectionOptions(cmd, {
     transports: cmd.transports || ['polling', 'websocket'],
     reconnection: cmd.reconnection === true,
     autoConnect: true,
     forceNode: true,
-  };
+  });
   if (cmd.path) opts.path = cmd.path;
   const manager = new ioV2.Manager(cmd.url, opts);
   client.manager = manager;
@@ -229,11 +242,11 @@ function connectV2(cmd, client) {
 }
 
 function connectV4(cmd, client) {
-  const opts = {
+  const opts = reconnectionOptions(cmd, {
     transports: cmd.transports || ['polling', 'websocket'],
     reconnection: cmd.reconnection === true,
     autoConnect: true,
-  };
+  });
   if (cmd.path) opts.path = cmd.path;
   if (cmd.query != null) opts.query = cmd.query;
   const manager = new ioV4.Manager(cmd.url, opts);
@@ -244,7 +257,9 @@ function connectV4(cmd, client) {
     if (cmd.auth != null) sopts.auth = cmd.auth;
     const socket = manager.socket(ns, sopts);
     client.sockets.set(ns, socket);
-    socket.on('connect', () => report({ id, ns, type: 'connect' }));
+    socket.on('connect', () =>
+      report({ id, ns, type: 'connect', recovered: socket.recovered === true, pid: socket._pid !== undefined }),
+    );
     socket.on('disconnect', (reason) => report({ id, ns, type: 'disconnect', reason: toJson(reason) }));
     socket.on('connect_error', (err) => {
       const r = { id, ns, type: 'connect_error', message: errMessage(err) };
@@ -355,6 +370,20 @@ const ops = {
       raw.resume();
     }
     report({ id: cmd.id, type: 'resumed', tag: cmd.tag });
+  },
+
+  drop(cmd) {
+    const client = getClient(cmd);
+    const t = transportOf(client);
+    if (!t) throw new Error('no open Engine.IO connection');
+    const raw = t.ws && t.ws._socket;
+    if (t.name === 'websocket' && raw && typeof raw.destroy === 'function') {
+      raw.destroy();
+    } else {
+      t.close();
+    }
+    client.paused = null;
+    report({ id: cmd.id, type: 'dropped', tag: cmd.tag });
   },
 
   close(cmd) {

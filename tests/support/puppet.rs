@@ -234,6 +234,45 @@ impl Puppet {
     /// `[name, payload]` of each event `id` receives on `/storage`, up to and including
     /// the first whose payload satisfies `last`.
     pub async fn events_until(&mut self, id: &str, last: impl Fn(&Value) -> bool) -> Vec<(String, Value)> {
+        self.event_args_until(id, last)
+            .await
+            .into_iter()
+            .map(|(name, args)| {
+                assert_eq!(args.len(), 1, "one payload per event: {name} {args:?}");
+                (name, args[0].clone())
+            })
+            .collect()
+    }
+
+    /// As [`Puppet::events_until`], for a client with connection state recovery: each
+    /// event's offset (its last argument, a string) comes with it.
+    pub async fn events_with_offsets_until(
+        &mut self,
+        id: &str,
+        last: impl Fn(&Value) -> bool,
+    ) -> Vec<(String, Value, String)> {
+        self.event_args_until(id, last)
+            .await
+            .into_iter()
+            .map(|(name, args)| {
+                assert_eq!(
+                    args.len(),
+                    2,
+                    "a payload and an offset per event: {name} {args:?}"
+                );
+                let offset = args[1]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("offset {:?} is not a string", args[1]));
+                (name, args[0].clone(), offset.to_string())
+            })
+            .collect()
+    }
+
+    async fn event_args_until(
+        &mut self,
+        id: &str,
+        last: impl Fn(&Value) -> bool,
+    ) -> Vec<(String, Vec<Value>)> {
         let mut events = Vec::new();
         loop {
             let report = self
@@ -247,15 +286,19 @@ impl Puppet {
                 report["type"], "event",
                 "{id} disconnected while waiting for events: {events:#?}"
             );
-            let args = report["args"].as_array().unwrap();
-            assert_eq!(args.len(), 1, "one payload per event: {report}");
-            let item = (report["name"].as_str().unwrap().to_string(), args[0].clone());
-            let done = last(&item.1);
-            events.push(item);
+            let args = report["args"].as_array().unwrap().clone();
+            let done = args.first().is_some_and(&last);
+            events.push((report["name"].as_str().unwrap().to_string(), args));
             if done {
                 return events;
             }
         }
+    }
+
+    /// Cuts `id`'s connection under it, as a network loss would.
+    pub async fn drop_connection(&mut self, id: &str) {
+        let report = self.request("drop", id).await;
+        assert_eq!(report["type"], "dropped", "{report}");
     }
 }
 

@@ -19,14 +19,32 @@ impl WsSubscriber {
         let (ws, _) = tokio_tungstenite::connect_async(url)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        WsSubscriber::subscribe(ws, token, collections).await
+        WsSubscriber::subscribe(ws, token, collections, "")
+            .await
+            .map(|(s, _)| s)
     }
 
+    /// As [`WsSubscriber::connect`], subscribing with `since`; also returns the ack.
+    pub async fn connect_since(
+        port: u16,
+        token: &str,
+        collections: &[&str],
+        since: i64,
+    ) -> Result<(WsSubscriber, String), String> {
+        let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        WsSubscriber::subscribe(ws, token, collections, &format!(r#","since":{since}"#)).await
+    }
+
+    /// Subscribes with `extra` fields in the payload (`,"key":value`).
     async fn subscribe(
         mut ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
         token: &str,
         collections: &[&str],
-    ) -> Result<WsSubscriber, String> {
+        extra: &str,
+    ) -> Result<(WsSubscriber, String), String> {
         let send = |text: String| Message::text(text);
         ws.send(send("40/storage,".into()))
             .await
@@ -42,12 +60,12 @@ impl WsSubscriber {
                 ws.send(send("3".into())).await.map_err(|e| e.to_string())?;
             } else if text.starts_with("40/storage,") {
                 let subscribe = format!(
-                    r#"42/storage,0["subscribe",{{"accessToken":"{token}","collections":{collections}}}]"#
+                    r#"42/storage,0["subscribe",{{"accessToken":"{token}","collections":{collections}{extra}}}]"#
                 );
                 ws.send(send(subscribe)).await.map_err(|e| e.to_string())?;
             } else if let Some(ack) = text.strip_prefix("43/storage,0") {
                 return if ack.contains(r#""success":true"#) {
-                    Ok(WsSubscriber { ws })
+                    Ok((WsSubscriber { ws }, ack.to_string()))
                 } else {
                     Err(format!("subscribe refused: {ack}"))
                 };
@@ -99,6 +117,8 @@ impl WsSubscriber {
         let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        WsSubscriber::subscribe(ws, token, collections).await
+        WsSubscriber::subscribe(ws, token, collections, "")
+            .await
+            .map(|(s, _)| s)
     }
 }

@@ -168,10 +168,18 @@ impl<A: Adapter> Namespace<A> {
         tracing::trace!(?socket.id, ?self.path, "socket added to namespace");
 
         let protocol = esocket.protocol.into();
-        let payload = ConnectPacket { sid: socket.id };
-        let payload = match protocol {
-            ProtocolVersion::V5 => Some(self.parser.encode_default(&payload).unwrap()),
-            ProtocolVersion::V4 => None,
+        let payload = match (protocol, socket.pid()) {
+            (ProtocolVersion::V5, None) => Some(
+                self.parser
+                    .encode_default(&ConnectPacket { sid: socket.id })
+                    .unwrap(),
+            ),
+            (ProtocolVersion::V5, Some(pid)) => Some(
+                self.parser
+                    .encode_default(&RecoverableConnectPacket { sid: socket.id, pid })
+                    .unwrap(),
+            ),
+            (ProtocolVersion::V4, _) => None,
         };
         if let Err(_e) = socket.send(Packet::connect(self.path.clone(), payload)) {
             #[cfg(feature = "tracing")]
@@ -635,4 +643,12 @@ mod tests {
         assert!(ns.clone().connect(sid, esocket, None).await.is_ok());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
+}
+
+/// The CONNECT packet's payload of a socket with a private session id (connection state
+/// recovery).
+#[derive(serde::Serialize)]
+struct RecoverableConnectPacket {
+    sid: Sid,
+    pid: Str,
 }

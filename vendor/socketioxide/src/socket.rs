@@ -37,7 +37,7 @@ use crate::{
     parser::Parser,
 };
 use socketioxide_core::{
-    Value,
+    Str, Value,
     adapter::errors::{AdapterError, BroadcastError},
     adapter::{BroadcastOptions, RemoteSocketData, Room, RoomParam},
     packet::{Packet, PacketData},
@@ -294,6 +294,8 @@ pub struct Socket<A: Adapter = LocalAdapter> {
     ack_sweep_at: AtomicUsize,
     ack_counter: AtomicI64,
     connected: AtomicBool,
+    /// The private session id sent in the CONNECT packet (connection state recovery).
+    pid: Mutex<Option<Str>>,
     pub(crate) parser: Parser,
     /// The socket id
     pub id: Sid,
@@ -324,6 +326,7 @@ impl<A: Adapter> Socket<A> {
             ack_sweep_at: AtomicUsize::new(ACK_SWEEP_MIN),
             ack_counter: AtomicI64::new(0),
             connected: AtomicBool::new(false),
+            pid: Mutex::new(None),
             parser,
             id: sid,
             #[cfg(feature = "extensions")]
@@ -669,6 +672,22 @@ impl<A: Adapter> Socket<A> {
         }
         self.close(DisconnectReason::ServerNSDisconnect);
         Ok(())
+    }
+
+    /// # Set the private session id of this socket.
+    ///
+    /// Connection state recovery (socket.io 4.6+): the id is sent with the socket id in the
+    /// CONNECT packet (`{"sid": ..., "pid": ...}`, protocol v5 only), and a client that
+    /// reconnects presents it (with the offset of the last event it received) in its next
+    /// CONNECT's auth payload; it then counts itself recovered if the server answers with
+    /// the same pid. Call it from a connect middleware, before the CONNECT packet is sent.
+    pub fn set_pid(&self, pid: impl Into<Str>) {
+        self.pid.lock().unwrap().replace(pid.into());
+    }
+
+    /// # Get the private session id of this socket, if one was set.
+    pub fn pid(&self) -> Option<Str> {
+        self.pid.lock().unwrap().clone()
     }
 
     /// # Close the underlying connection.
