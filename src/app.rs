@@ -1,21 +1,20 @@
-//! Wiring: MongoDB client, auth store, change feed, channel, HTTP server, and shutdown
-//! on SIGTERM / SIGINT.
+//! Wiring: the sites (one, or the tenants file's), the MongoDB client, the channel, the
+//! HTTP server, and shutdown on SIGTERM / SIGINT.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use axum::middleware::from_fn_with_state;
-use nsbridge::auth::store::AuthStore;
-use nsbridge::channel::replay::Catalog;
+use nsbridge::channel::transport::SiteResolver;
 use nsbridge::channel::{Channel, ChannelConfig, transport};
-use nsbridge::delivery::DeliveryWindow;
-use nsbridge::feed::{Feed, FeedEvent};
+use nsbridge::deployment::{StreamSetup, StreamStatuses};
 use nsbridge::http::{self, HttpState};
-use nsbridge::mapping::{Mapper, MappingRules};
 use nsbridge::net::Connections;
 use nsbridge::settings::{Settings, redact_uri};
-use nsbridge::state::{StateStore, resume_point};
-use nsbridge::upstream::Upstream;
+use nsbridge::sites::Sites;
+use nsbridge::tenants::TenantSpec;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -27,88 +26,55 @@ const FEED_QUEUE: usize = 16;
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(3500);
 const CLIENT_SHUTDOWN_GRACE: Duration = Duration::from_millis(1000);
 
-pub async fn run(settings: Settings) -> anyhow::Result<()> {
+pub async fn run(settings: Settings, env: HashMap<String, String>) -> anyhow::Result<()> {
     let metrics = nsbridge::telemetry::init_metrics().context("installing the metrics recorder")?;
+    let specs = match &settings.tenants {
+        None => vec![TenantSpec::single(&settings)],
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the tenants file {}", path.display()))?;
+            nsbridge::tenants::parse(&text, &settings, &nsbridge::tenants::System(&env))?
+        }
+    };
     let (client, mongo_reachable) = nsbridge::mongo::connect(&settings.mongo.uri)
         .await
         .with_context(|| format!("MongoDB URI {}", redact_uri(&settings.mongo.uri)))?;
-    let db = client.database(&settings.mongo.database);
     let shutdown = CancellationToken::new();
     let (answering_tx, mongo_answering) = watch::channel(false);
 
-    let auth_store = AuthStore::new(
-        db.clone(),
-        &settings.auth.collections_prefix,
-        settings.auth.api_secret.clone(),
-        settings.auth.default_roles.clone(),
-    );
-    let auth = auth_store.snapshots();
-    let rules = MappingRules {
-        relay: settings.relay,
-        replace_window_ms: settings.replace_window.as_millis() as i64,
-        names: settings.collections.clone(),
+    let channel_config = ChannelConfig {
+        trusted_proxy: settings.auth.trusted_proxy,
+        window_size: settings.channel.max_events_in_flight,
+        slow_client_timeout: settings.channel.slow_client_timeout,
+        throttle: settings.auth.throttle.clone(),
+        history: settings.history.limits,
+        recovery_window: settings.history.recovery_window,
+        replay: settings.history.replay,
+        ..ChannelConfig::default()
     };
-    let state = StateStore::new(&settings.state, &db);
-    state
-        .prepare()
-        .context("state_dir (NSBRIDGE_STATE_DIR) must be a writable directory")?;
-    let resumed = match state.load().await {
-        Ok(saved) => saved,
-        Err(e) => {
-            metrics::counter!(nsbridge::telemetry::metric::RESUME_FAILURES).increment(1);
-            tracing::error!(error = %e, "cannot use the saved resume position; starting from the present");
-            None
-        }
-    };
-    let mut feed = Feed::new(
-        db.clone(),
-        Mapper::new(rules, settings.identifier_cache_size),
-        settings.mongo.pre_images,
-    );
-    if let Some(point) = resumed.as_ref().and_then(resume_point) {
-        tracing::info!(
-            state = %state.describe(),
-            events_to_read_again = point.sent_after,
-            "resuming the change stream where the last run's history started"
-        );
-        feed = feed.resuming_at(point);
-    }
-    let feed_status = feed.status();
-    let window = DeliveryWindow::new(settings.channel.max_events_in_flight);
-    let upstream = settings
-        .upstream
-        .as_ref()
-        .map(|url| Upstream::new(url, settings.auth.trusted_proxy));
-    let (channel, socket_layer) = Channel::new(
-        ChannelConfig {
-            trusted_proxy: settings.auth.trusted_proxy,
-            window: window.clone(),
-            slow_client_timeout: settings.channel.slow_client_timeout,
-            throttle: settings.auth.throttle.clone(),
-            upstream: upstream.clone(),
-            history: settings.history.limits,
-            resumed,
-            recovery_window: settings.history.recovery_window,
-            replay: settings.history.replay,
-            catalog: Some(Catalog {
-                db,
-                names: settings.collections.clone(),
-            }),
-            ..ChannelConfig::default()
-        },
-        auth.clone(),
-    );
-
+    let (channel, socket_layer) = Channel::new(&channel_config);
     let (events_tx, events) = mpsc::channel(FEED_QUEUE);
+    let statuses = Arc::new(StreamStatuses::default());
+    let streams = StreamSetup {
+        identifier_cache_size: settings.identifier_cache_size,
+        pre_images: settings.mongo.pre_images,
+        window_size: settings.channel.max_events_in_flight,
+        events: events_tx,
+        statuses: statuses.clone(),
+    };
+    let settings = Arc::new(settings);
+    let sites = Sites::new(
+        settings.clone(),
+        channel_config,
+        channel.clone(),
+        streams,
+        client.clone(),
+        shutdown.clone(),
+    );
+    sites.start(specs).await?;
+
     let connections = Connections::new(connection_limits(&settings));
-    if let Some(upstream) = &upstream {
-        tokio::spawn(
-            upstream
-                .clone()
-                .watch_reachable(nsbridge::upstream::PROBE_INTERVAL, shutdown.clone()),
-        );
-    }
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(nsbridge::mongo::watch_answering(
             client.clone(),
             nsbridge::mongo::PING_INTERVAL,
@@ -117,17 +83,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             shutdown.clone(),
         )),
         tokio::spawn(connections.clone().run_reaper(shutdown.clone())),
-        tokio::spawn(auth_store.run(shutdown.clone())),
-        tokio::spawn(feed.run(events_tx, window, shutdown.clone())),
-        tokio::spawn(channel.clone().follow_auth(shutdown.clone())),
-        tokio::spawn(channel.clone().watch_slow_clients(shutdown.clone())),
-        tokio::spawn(fan_out(channel.clone(), events)),
-        tokio::spawn(nsbridge::state::keep_saving(
-            state.clone(),
-            channel.clone(),
-            shutdown.clone(),
-        )),
+        tokio::spawn(sites.clone().fan_out(events)),
     ];
+    if let Some(path) = &settings.tenants {
+        tasks.push(tokio::spawn(sites.clone().follow_file(path.clone(), env)));
+    }
 
     let upkeep = metrics.clone();
     tokio::spawn(async move {
@@ -137,16 +97,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             upkeep.run_upkeep();
         }
     });
+    let resolver: Arc<dyn SiteResolver> = sites.clone();
     let app = http::router(HttpState {
-        feed: feed_status,
-        auth,
+        streams: statuses,
+        sites: sites.clone(),
         mongo_reachable,
         mongo_answering,
         metrics: Some(metrics),
-        upstream: upstream.clone(),
     })
     .layer(socket_layer)
-    .layer(from_fn_with_state(upstream.clone(), transport::guard));
+    .layer(from_fn_with_state(resolver, transport::guard));
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
@@ -155,6 +115,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         listen = %local,
         uri = %redact_uri(&settings.mongo.uri),
         database = %settings.mongo.database,
+        tenants = sites.len(),
         relay = %settings.relay,
         upstream = %settings.upstream.as_ref().map_or(String::from("none"), |u| u.to_string()),
         max_connections = connections.limits().max_connections,
@@ -186,18 +147,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     if !serve.is_finished() && tokio::time::timeout_at(deadline.into(), serve).await.is_err() {
         tracing::warn!("connections still open at the shutdown deadline; closing them");
     }
+    tasks.extend(sites.take_tasks());
     for task in tasks {
         let _ = tokio::time::timeout_at(deadline.into(), task).await;
     }
-    // The feed has stopped: where the next run reads the stream again from.
-    if let Some(checkpoint) = channel.checkpoint() {
-        match tokio::time::timeout_at(deadline.into(), state.save(&checkpoint)).await {
-            Ok(Ok(())) => {
-                tracing::info!(state = %state.describe(), last_event = checkpoint.sent_seq, "resume position saved")
-            }
-            Ok(Err(e)) => tracing::error!(error = %e, "cannot save the resume position"),
-            Err(_) => tracing::error!("saving the resume position timed out"),
-        }
+    // The streams have stopped: where the next run reads them again from.
+    if tokio::time::timeout_at(deadline.into(), sites.save_all())
+        .await
+        .is_err()
+    {
+        tracing::error!("saving the resume positions timed out");
     }
     // Let the driver kill the change streams' cursors and close its connections before
     // the runtime goes away under it.
@@ -227,12 +186,6 @@ fn connection_limits(settings: &Settings) -> nsbridge::net::ConnectionLimits {
         );
     }
     limits
-}
-
-async fn fan_out(channel: Channel, mut events: mpsc::Receiver<FeedEvent>) {
-    while let Some(event) = events.recv().await {
-        channel.publish(event);
-    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -1,21 +1,25 @@
-//! The MongoDB change feed: one database-level change stream over the watched collections,
-//! turned into bridge events by [`Mapper`], resumed from the last handled event after any
-//! error or outage.
+//! The MongoDB change feed: one change stream over the watched collections (and the auth
+//! collections) of one database, or of every database a deployment's sites use, turned
+//! into bridge events by a [`Mapper`] per database and routed by database name to its
+//! site; resumed from the last handled event after any error or outage.
 
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bson::{Bson, Document, doc};
 use futures::StreamExt;
-use mongodb::Database;
 use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::ResumeToken;
 use mongodb::error::{Error as MongoError, ErrorKind};
 use mongodb::options::{FullDocumentBeforeChangeType, FullDocumentType};
-use tokio::sync::{mpsc, watch};
+use mongodb::{Client, Database};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::{DeliveryWindow, Slot};
-use crate::mapping::{BridgeEvent, Decision, Mapper, ReopenReason};
+use crate::mapping::{BridgeEvent, Decision, Mapper, MappingRules, ReopenReason};
 use crate::telemetry::metric;
 
 /// The operation types the bridge acts on; anything else is filtered out by MongoDB.
@@ -24,29 +28,55 @@ const OPERATION_TYPES: [&str; 6] = ["insert", "update", "replace", "delete", "dr
 /// Server error codes after which resuming from our token can never succeed.
 const CHANGE_STREAM_FATAL: i32 = 280;
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
+/// Server error codes of a deployment that will not give this user a deployment-level
+/// stream: Unauthorized, CommandNotSupported, AtlasError ("not allowed to do action").
+const DEPLOYMENT_STREAM_REFUSED: [i32; 3] = [13, 115, 8000];
 
 /// A bridge event, when its change event arrived (for the bridge's own latency), its
 /// place in the delivery window, and its place in the stream.
 #[derive(Debug)]
 pub struct FeedEvent {
+    /// The site whose database it was written to.
+    pub tenant: Arc<str>,
     pub event: BridgeEvent,
     pub received: Instant,
     pub slot: Slot,
     /// The resume token after this event.
     pub token: Option<Bson>,
-    /// Read again after a restart to refill the history: it was sent before.
-    pub sent_before: bool,
     /// The stream could not be resumed and started from the present at this time (ms):
     /// events written before may have been missed.
     pub gap_end_ms: Option<i64>,
 }
 
-/// Where a restarted bridge reads the stream again from, as saved by the last run.
-#[derive(Debug, Clone)]
-pub struct ResumePoint {
-    pub token: ResumeToken,
-    /// Events the last run sent after the token: read again, for the history only.
-    pub sent_after: u64,
+/// What the feed needs of the site a database belongs to.
+#[derive(Clone)]
+pub struct Route {
+    pub tenant: Arc<str>,
+    pub rules: MappingRules,
+    /// The site's auth collections (`<prefix>subjects`, `<prefix>roles`).
+    pub auth_collections: [String; 2],
+    /// Told of every write to them, and whenever the stream (re)opens.
+    pub auth_changed: Arc<Notify>,
+}
+
+/// The databases a feed serves, by name.
+pub type Routes = Arc<HashMap<String, Route>>;
+
+/// What a feed watches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// One database.
+    Database(String),
+    /// Every database of the routes, in one deployment-level stream.
+    Deployment,
+}
+
+/// Why a feed stopped.
+#[derive(Debug)]
+pub enum FeedEnd {
+    Shutdown,
+    /// The deployment refused a deployment-level stream: one per database is needed.
+    DeploymentRefused(MongoError),
 }
 
 /// Whether the change stream is delivering, for readiness.
@@ -82,36 +112,72 @@ enum Start {
 }
 
 pub struct Feed {
-    db: Database,
-    mapper: Mapper,
+    client: Client,
+    scope: Scope,
+    routes: watch::Receiver<Routes>,
+    /// Per database: its site and the mapper of its writes.
+    mappers: HashMap<String, (Arc<str>, Mapper)>,
+    identifier_cache_size: NonZeroUsize,
     pre_images: bool,
     backoff: Backoff,
     status: watch::Sender<FeedStatus>,
     start: Start,
-    /// Events still to be read again that were sent before a restart.
-    sent_before: u64,
     /// When the stream had to start from the present, until the next event says so.
     gap_end_ms: Option<i64>,
+    /// The routes can no longer change.
+    routes_fixed: bool,
 }
 
 impl Feed {
-    pub fn new(db: Database, mapper: Mapper, pre_images: bool) -> Self {
-        Feed {
-            db,
-            mapper,
+    /// A feed of the databases of `routes`, in `scope`.
+    pub fn new(
+        client: Client,
+        scope: Scope,
+        routes: watch::Receiver<Routes>,
+        identifier_cache_size: NonZeroUsize,
+        pre_images: bool,
+    ) -> Self {
+        let mut feed = Feed {
+            client,
+            scope,
+            routes,
+            mappers: HashMap::new(),
+            identifier_cache_size,
             pre_images,
             backoff: Backoff::default(),
             status: watch::Sender::new(FeedStatus::Starting),
             start: Start::Now,
-            sent_before: 0,
             gap_end_ms: None,
-        }
+            routes_fixed: false,
+        };
+        feed.follow_routes();
+        feed
     }
 
-    /// Starts where a previous run stopped instead of at the present.
-    pub fn resuming_at(mut self, point: ResumePoint) -> Self {
-        self.start = Start::Resume(point.token);
-        self.sent_before = point.sent_after;
+    /// A feed of one database, its events named after it, with `mapper`.
+    pub fn for_database(db: &Database, mapper: Mapper, pre_images: bool) -> Self {
+        let tenant: Arc<str> = Arc::from(db.name());
+        let route = Route {
+            tenant: tenant.clone(),
+            rules: mapper.rules().clone(),
+            auth_collections: ["auth_subjects".into(), "auth_roles".into()],
+            auth_changed: Arc::new(Notify::new()),
+        };
+        let routes = Arc::new(HashMap::from([(db.name().to_string(), route)]));
+        let mut feed = Feed::new(
+            db.client().clone(),
+            Scope::Database(db.name().to_string()),
+            watch::channel(routes).1,
+            NonZeroUsize::MIN,
+            pre_images,
+        );
+        feed.mappers.insert(db.name().to_string(), (tenant, mapper));
+        feed
+    }
+
+    /// Starts after `token` (saved by a previous run) instead of at the present.
+    pub fn resuming_after(mut self, token: ResumeToken) -> Self {
+        self.start = Start::Resume(token);
         self
     }
 
@@ -126,40 +192,53 @@ impl Feed {
 
     /// Delivers bridge events in change-stream order until `shutdown` fires or the
     /// receiver is gone, reading the stream no faster than `window` admits events. Errors
-    /// are retried forever with capped exponential backoff.
+    /// are retried forever with capped exponential backoff; a deployment that refuses a
+    /// deployment-level stream ends the feed, for its owner to fall back to one per
+    /// database.
     pub async fn run(
         mut self,
         events: mpsc::Sender<FeedEvent>,
         window: DeliveryWindow,
         shutdown: CancellationToken,
-    ) {
+    ) -> FeedEnd {
         let mut delay = self.backoff.initial;
         loop {
             let opened = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return FeedEnd::Shutdown,
                 opened = self.open() => opened,
             };
             let stream = match opened {
                 Ok(stream) => {
                     tracing::info!(
-                        database = self.db.name(),
+                        scope = %self.describe(),
+                        databases = self.mappers.len(),
                         start = self.start_label(),
                         "change stream open"
                     );
                     self.status.send_replace(FeedStatus::Open);
                     delay = self.backoff.initial;
+                    // Whatever changed in the auth collections before the stream opened.
+                    for route in self.routes.borrow().values() {
+                        route.auth_changed.notify_one();
+                    }
                     stream
+                }
+                Err(e) if self.scope == Scope::Deployment && deployment_refused(&e) => {
+                    self.status.send_replace(FeedStatus::Down {
+                        reason: format!("deployment-level change stream refused: {e}"),
+                    });
+                    return FeedEnd::DeploymentRefused(e);
                 }
                 Err(e) => {
                     self.on_error("opening the change stream", &e);
                     if !sleep_or_shutdown(&shutdown, &mut delay, self.backoff.max).await {
-                        return;
+                        return FeedEnd::Shutdown;
                     }
                     continue;
                 }
             };
             match self.drain(stream, &events, &window, &shutdown).await {
-                StreamEnd::Shutdown => return,
+                StreamEnd::Shutdown => return FeedEnd::Shutdown,
                 StreamEnd::Reopen => {
                     metrics::counter!(metric::STREAM_RESTARTS, "reason" => "reopen").increment(1);
                 }
@@ -167,25 +246,71 @@ impl Feed {
                     metrics::counter!(metric::STREAM_RESTARTS, "reason" => "error").increment(1);
                     self.on_error("reading the change stream", &e);
                     if !sleep_or_shutdown(&shutdown, &mut delay, self.backoff.max).await {
-                        return;
+                        return FeedEnd::Shutdown;
                     }
                 }
             }
         }
     }
 
+    fn describe(&self) -> String {
+        match &self.scope {
+            Scope::Database(name) => format!("database {name}"),
+            Scope::Deployment => "deployment".into(),
+        }
+    }
+
+    /// Takes the routes as they are now: a mapper for each new database, none for a
+    /// database gone. A site replaced gets a new mapper (its rules may have changed).
+    fn follow_routes(&mut self) {
+        let routes = self.routes.borrow_and_update().clone();
+        self.mappers
+            .retain(|db, (tenant, _)| routes.get(db).is_some_and(|r| Arc::ptr_eq(&r.tenant, tenant)));
+        for (db, route) in routes.iter() {
+            self.mappers.entry(db.clone()).or_insert_with(|| {
+                (
+                    route.tenant.clone(),
+                    Mapper::new(route.rules.clone(), self.identifier_cache_size),
+                )
+            });
+        }
+    }
+
     async fn open(&self) -> Result<ChangeStream<Document>, MongoError> {
-        let names = self.mapper.rules().names.mongo_names();
-        let pipeline = [doc! {
-            "$match": {
-                "ns.coll": { "$in": names },
-                "operationType": { "$in": OPERATION_TYPES.to_vec() },
+        let routes = self.routes.borrow().clone();
+        let mut collections: Vec<String> = Vec::new();
+        for route in routes.values() {
+            for name in route
+                .rules
+                .names
+                .mongo_names()
+                .into_iter()
+                .chain(route.auth_collections.iter().map(String::as_str))
+            {
+                if !collections.iter().any(|c| c == name) {
+                    collections.push(name.to_string());
+                }
             }
-        }];
-        let mut watch = self
-            .db
-            .watch()
-            .pipeline(pipeline)
+        }
+        let mut filter = doc! {
+            "ns.coll": { "$in": collections },
+            "operationType": { "$in": OPERATION_TYPES.to_vec() },
+        };
+        let database;
+        let watch = match &self.scope {
+            Scope::Database(name) => {
+                database = self.client.database(name);
+                database.watch()
+            }
+            Scope::Deployment => {
+                let mut databases: Vec<&String> = routes.keys().collect();
+                databases.sort();
+                filter.insert("ns.db", doc! { "$in": databases });
+                self.client.watch()
+            }
+        };
+        let mut watch = watch
+            .pipeline([doc! { "$match": filter }])
             .full_document(FullDocumentType::UpdateLookup);
         if self.pre_images {
             watch = watch.full_document_before_change(FullDocumentBeforeChangeType::WhenAvailable);
@@ -208,6 +333,26 @@ impl Feed {
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return StreamEnd::Shutdown,
+                changed = self.routes.changed(), if !self.routes_fixed => {
+                    if changed.is_err() {
+                        // No one will change them any more.
+                        self.routes_fixed = true;
+                        continue;
+                    }
+                    let before: Vec<String> = self.mappers.keys().cloned().collect();
+                    self.follow_routes();
+                    let databases_changed = before.len() != self.mappers.len()
+                        || before.iter().any(|db| !self.mappers.contains_key(db));
+                    if self.scope == Scope::Deployment && databases_changed {
+                        // The stream's filter names the databases: reopen it where it is.
+                        if let Some(token) = stream.resume_token() {
+                            self.start = Start::Resume(token);
+                        }
+                        tracing::info!(databases = self.mappers.len(), "sites changed; reopening the change stream for them");
+                        return StreamEnd::Reopen;
+                    }
+                    continue;
+                }
                 next = stream.next() => next,
             };
             let change = match next {
@@ -222,7 +367,30 @@ impl Feed {
                     return StreamEnd::Reopen;
                 }
             };
-            match self.mapper.map(&change) {
+            let database = change
+                .get_document("ns")
+                .ok()
+                .and_then(|ns| ns.get_str("db").ok())
+                .unwrap_or_default();
+            let collection = change
+                .get_document("ns")
+                .ok()
+                .and_then(|ns| ns.get_str("coll").ok())
+                .unwrap_or_default();
+            if let Some(route) = self.routes.borrow().get(database)
+                && route.auth_collections.iter().any(|c| c == collection)
+            {
+                route.auth_changed.notify_one();
+            }
+            let Some((tenant, mapper)) = self.mappers.get_mut(database) else {
+                // A database no site uses (any more), or an auth collection's write.
+                if let Some(token) = stream.resume_token() {
+                    self.start = Start::Resume(token);
+                }
+                continue;
+            };
+            let tenant = tenant.clone();
+            match mapper.map(&change) {
                 Decision::Relay(event) => {
                     let received = Instant::now();
                     if let Some(wall) = event.wall_time_ms {
@@ -234,14 +402,12 @@ impl Feed {
                         _ = shutdown.cancelled() => return StreamEnd::Shutdown,
                         slot = window.admit() => slot,
                     };
-                    let sent_before = self.sent_before > 0;
-                    self.sent_before = self.sent_before.saturating_sub(1);
                     let feed_event = FeedEvent {
+                        tenant,
                         event,
                         received,
                         slot,
                         token: change.get("_id").cloned(),
-                        sent_before,
                         gap_end_ms: self.gap_end_ms.take(),
                     };
                     if events.send(feed_event).await.is_err() {
@@ -278,7 +444,6 @@ impl Feed {
                  the present: events written in between may have been missed"
             );
             self.start = Start::Now;
-            self.sent_before = 0;
             self.gap_end_ms = Some(now_ms());
         } else {
             tracing::warn!(error = %e, "{doing} failed; retrying");
@@ -314,6 +479,10 @@ pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn deployment_refused(e: &MongoError) -> bool {
+    matches!(e.kind.as_ref(), ErrorKind::Command(c) if DEPLOYMENT_STREAM_REFUSED.contains(&c.code))
 }
 
 fn resume_impossible(e: &MongoError) -> bool {

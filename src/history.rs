@@ -61,9 +61,20 @@ pub const CHECKPOINT_EVERY: u64 = 100;
 pub struct Checkpoint {
     pub token: Bson,
     pub seq: u64,
-    /// The last event sent: the events up to it were sent before the restart.
-    pub sent_seq: u64,
+    /// The resume token after the last event sent: the events up to it were sent before
+    /// the restart, and go back into the history only.
+    pub sent_token: Bson,
     pub complete_after_ms: i64,
+}
+
+/// An event's place in its change stream, from its resume token: MongoDB's tokens are
+/// hex-encoded KeyStrings, which sort as their events do. `None` for a token of another
+/// shape, which is then never taken as already sent.
+pub fn position(token: &Bson) -> Option<&str> {
+    match token {
+        Bson::Document(token) => token.get_str("_data").ok(),
+        _ => None,
+    }
 }
 
 /// Where a replay of events after a client's `since` comes from.
@@ -87,6 +98,8 @@ pub struct History {
     /// Resume tokens after some of the events, oldest first; the first is at or before
     /// the oldest event held.
     checkpoints: VecDeque<(u64, Bson)>,
+    /// The resume token after the newest event.
+    last_token: Option<Bson>,
 }
 
 impl History {
@@ -103,6 +116,7 @@ impl History {
             next_seq: seq + 1,
             complete_after_ms,
             checkpoints: VecDeque::new(),
+            last_token: None,
         }
     }
 
@@ -121,13 +135,15 @@ impl History {
             packet,
             at_ms: event.wall_time_ms.unwrap_or(now_ms),
         });
-        if let Some(token) = token
-            && self
+        if let Some(token) = token {
+            if self
                 .checkpoints
                 .back()
                 .is_none_or(|(last, _)| seq >= last + CHECKPOINT_EVERY)
-        {
-            self.checkpoints.push_back((seq, token));
+            {
+                self.checkpoints.push_back((seq, token.clone()));
+            }
+            self.last_token = Some(token);
         }
         self.forget_old(now_ms);
         seq
@@ -166,7 +182,7 @@ impl History {
         Some(Checkpoint {
             token: token.clone(),
             seq: *seq,
-            sent_seq: self.last_seq(),
+            sent_token: self.last_token.clone().unwrap_or_else(|| token.clone()),
             complete_after_ms,
         })
     }

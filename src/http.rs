@@ -1,6 +1,7 @@
-//! Plain HTTP on the bridge's listener: health, readiness, metrics and the live page. In
-//! front-door mode they are under [`FRONT_DOOR_PREFIX`], and every other request goes to
-//! Nightscout.
+//! Plain HTTP on the bridge's listener: health, readiness, metrics and the live page,
+//! under [`FRONT_DOOR_PREFIX`] for any host, and at the root too for a host whose site has
+//! no Nightscout behind the bridge. For a site in front-door mode, every other request goes
+//! to its Nightscout.
 
 use std::sync::Arc;
 
@@ -13,9 +14,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::auth::store::SnapshotReceiver;
+use crate::channel::Routed;
+use crate::deployment::StreamStatuses;
 use crate::feed::FeedStatus;
-use crate::upstream::Upstream;
 
 /// Where the bridge's own endpoints are when it stands in front of Nightscout, whose `/`
 /// they must not hide.
@@ -24,40 +25,52 @@ pub const FRONT_DOOR_PREFIX: &str = "/nsbridge";
 /// The sample client of Nightscout's documentation, made useful; self-contained.
 const LIVE_PAGE: &str = include_str!("../static/live.html");
 
+/// What readiness asks of the sites.
+pub trait SitesHealth: Send + Sync {
+    /// How many sites have never had their auth collections read, and a few of their names.
+    fn auth_pending(&self) -> (usize, Vec<String>);
+    /// Of the sites' Nightscouts (front-door mode), how many there are and how many do
+    /// not answer.
+    fn upstreams(&self) -> (usize, usize);
+}
+
 #[derive(Clone)]
 pub struct HttpState {
-    pub feed: watch::Receiver<FeedStatus>,
-    pub auth: SnapshotReceiver,
+    pub streams: Arc<StreamStatuses>,
+    pub sites: Arc<dyn SitesHealth>,
     pub mongo_reachable: watch::Receiver<bool>,
     /// Whether the deployment answered its last ping in time (see `mongo::watch_answering`).
     pub mongo_answering: watch::Receiver<bool>,
     pub metrics: Option<PrometheusHandle>,
-    /// Front-door mode: Nightscout, to which every other request goes.
-    pub upstream: Option<Arc<Upstream>>,
-}
-
-/// The path prefix of the bridge's own endpoints: none, or [`FRONT_DOOR_PREFIX`].
-pub fn endpoint_prefix(front_door: bool) -> &'static str {
-    if front_door { FRONT_DOOR_PREFIX } else { "" }
 }
 
 pub fn router(state: HttpState) -> Router {
-    let prefix = endpoint_prefix(state.upstream.is_some());
-    let mut router = Router::new()
+    let prefix = FRONT_DOOR_PREFIX;
+    Router::new()
         .route(&format!("{prefix}/"), get(live_page))
+        .route(prefix, get(live_page))
         .route(&format!("{prefix}/healthz"), get(healthz))
         .route(&format!("{prefix}/readyz"), get(readyz))
-        .route(&format!("{prefix}/metrics"), get(metrics));
-    if state.upstream.is_some() {
-        router = router.route(prefix, get(live_page)).fallback(to_nightscout);
-    }
-    router.with_state(state)
+        .route(&format!("{prefix}/metrics"), get(metrics))
+        .fallback(at_the_root)
+        .with_state(state)
 }
 
-async fn to_nightscout(State(state): State<HttpState>, request: Request) -> Response {
-    match &state.upstream {
-        Some(upstream) => upstream.proxy(request).await,
-        None => StatusCode::NOT_FOUND.into_response(),
+/// A site behind the front door: Nightscout's. Else the bridge's own endpoints at the root.
+async fn at_the_root(State(state): State<HttpState>, request: Request) -> Response {
+    if let Some(upstream) = request
+        .extensions()
+        .get::<Routed>()
+        .and_then(|r| r.upstream.clone())
+    {
+        return upstream.proxy(request).await;
+    }
+    match request.uri().path() {
+        "/" => live_page().await.into_response(),
+        "/healthz" => healthz().await.into_response(),
+        "/readyz" => readyz(State(state)).await.into_response(),
+        "/metrics" => metrics(State(state)).await.into_response(),
+        _ => StatusCode::NOT_FOUND.into_response(),
     }
 }
 
@@ -87,9 +100,11 @@ struct Readiness {
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     let reachable = *state.mongo_reachable.borrow();
     let answering = *state.mongo_answering.borrow();
-    let feed = state.feed.borrow().clone();
-    let auth_loaded = state.auth.borrow().is_some();
-    let nightscout = state.upstream.as_ref().map(|u| *u.reachable().borrow());
+    let feed = state.streams.overall();
+    let (auth_pending, pending_names) = state.sites.auth_pending();
+    let auth_loaded = auth_pending == 0;
+    let (upstreams, unreachable) = state.sites.upstreams();
+    let nightscout = (upstreams > 0).then_some(unreachable == 0);
     let (change_stream, stream_problem) = match feed {
         FeedStatus::Open => ("open", None),
         FeedStatus::Starting => ("starting", Some("change stream not open yet".to_string())),
@@ -102,7 +117,10 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     } else if let Some(problem) = stream_problem {
         Some(problem)
     } else if !auth_loaded {
-        Some("auth collections not read yet".to_string())
+        Some(match pending_names.as_slice() {
+            [] => "auth collections not read yet".to_string(),
+            names => format!("auth collections not read yet: {}", names.join(", ")),
+        })
     } else if nightscout == Some(false) {
         Some("Nightscout not reachable".to_string())
     } else {

@@ -43,15 +43,18 @@ fn main() -> ExitCode {
         Command::CheckConfig => match Settings::load_redacted(cli.config.as_deref(), &env) {
             Ok(text) => {
                 print!("{text}");
-                ExitCode::SUCCESS
+                match check_tenants(cli.config.as_deref(), &env) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("nsbridge: bad configuration: {e}");
+                        ExitCode::from(EXIT_BAD_CONFIG)
+                    }
+                }
             }
             Err(e) => bad_config(e),
         },
         Command::Healthcheck => match Settings::load(cli.config.as_deref(), &env) {
-            Ok(settings) => healthcheck(
-                settings.listen,
-                nsbridge::http::endpoint_prefix(settings.upstream.is_some()),
-            ),
+            Ok(settings) => healthcheck(settings.listen, nsbridge::http::FRONT_DOOR_PREFIX),
             // Container runtimes reserve exit status 2: unhealthy is 1.
             Err(e) => {
                 eprintln!("nsbridge: bad configuration: {e}");
@@ -64,7 +67,7 @@ fn main() -> ExitCode {
                 Err(e) => return bad_config(e),
             };
             nsbridge::telemetry::init_logging(&settings.log);
-            match run(settings) {
+            match run(settings, env) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -73,6 +76,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The tenants file, when the settings name one: read and validated, and its sites listed
+/// (without their secrets).
+fn check_tenants(config: Option<&std::path::Path>, env: &HashMap<String, String>) -> Result<(), String> {
+    let settings = Settings::load(config, env).map_err(|e| e.to_string())?;
+    let Some(path) = &settings.tenants else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("tenants file {}: {e}", path.display()))?;
+    let tenants = nsbridge::tenants::parse(&text, &settings, &nsbridge::tenants::System(env))
+        .map_err(|e| e.to_string())?;
+    println!("\n# {} tenants in {}", tenants.len(), path.display());
+    for tenant in tenants {
+        println!(
+            "# {}: database {}, hosts {}{}",
+            tenant.name,
+            tenant.database,
+            tenant.hosts.join(", "),
+            tenant
+                .upstream
+                .as_ref()
+                .map_or(String::new(), |u| format!(", Nightscout at {u}"))
+        );
+    }
+    Ok(())
 }
 
 fn bad_config(e: nsbridge::settings::SettingsError) -> ExitCode {
@@ -115,7 +144,7 @@ fn ready(target: SocketAddr, prefix: &str) -> std::io::Result<bool> {
     Ok(status_line.split_whitespace().nth(1) == Some("200"))
 }
 
-fn run(settings: Settings) -> anyhow::Result<()> {
+fn run(settings: Settings, env: HashMap<String, String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(app::run(settings))
+    runtime.block_on(app::run(settings, env))
 }

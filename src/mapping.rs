@@ -180,10 +180,11 @@ pub struct Mapper {
 
 impl Mapper {
     pub fn new(rules: MappingRules, identifier_cache_size: NonZeroUsize) -> Self {
-        Mapper {
-            rules,
-            identifiers: LruCache::new(identifier_cache_size),
-        }
+        // Grown as identifiers come, not reserved whole: a bridge of many sites has one
+        // mapper per site, most of them nearly idle.
+        let mut identifiers = LruCache::unbounded();
+        identifiers.resize(identifier_cache_size);
+        Mapper { rules, identifiers }
     }
 
     pub fn rules(&self) -> &MappingRules {

@@ -26,7 +26,7 @@ use crate::net::ConnectionLimits;
 pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
 
 /// Nightscout's minimum length for API_SECRET.
-const MIN_API_SECRET_LEN: usize = 12;
+pub const MIN_API_SECRET_LEN: usize = 12;
 
 /// A setting that cannot be used; printed as one line naming the setting.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,6 +48,9 @@ impl SettingsError {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// The tenants file: many sites, routed by host. `None`: the one site of these
+    /// settings.
+    pub tenants: Option<std::path::PathBuf>,
     /// Nightscout's internal URL: front-door mode, when set.
     pub upstream: Option<axum::http::Uri>,
     pub relay: RelayMode,
@@ -139,6 +142,7 @@ impl fmt::Debug for ApiSecret {
 #[serde(deny_unknown_fields)]
 struct RawSettings {
     listen: String,
+    tenants: String,
     upstream: String,
     relay: String,
     replace_window_secs: u64,
@@ -329,16 +333,8 @@ impl Settings {
             )
         })?;
         let upstream = upstream_url(&raw.upstream)?;
-        let relay = match raw.relay.as_str() {
-            "apiv3" => RelayMode::Apiv3,
-            "all" => RelayMode::All,
-            other => {
-                return Err(SettingsError::new(
-                    "relay",
-                    format!("unknown mode {other:?} (expected \"apiv3\" or \"all\")"),
-                ));
-            }
-        };
+        let relay = parse_relay(&raw.relay)?;
+        let tenants = (!raw.tenants.trim().is_empty()).then(|| std::path::PathBuf::from(raw.tenants.trim()));
         let identifier_cache_size = NonZeroUsize::new(raw.identifier_cache_size)
             .ok_or_else(|| SettingsError::new("identifier_cache_size", "must be at least 1"))?;
 
@@ -355,7 +351,8 @@ impl Settings {
         if raw.mongo.database.is_empty() {
             raw.mongo.database = parsed.default_database.clone().unwrap_or_default();
         }
-        if raw.mongo.database.is_empty() {
+        // With a tenants file, each tenant names its database and its secret.
+        if raw.mongo.database.is_empty() && tenants.is_none() {
             return Err(SettingsError::new(
                 "mongo.uri",
                 "names no database (add /<database> to the URI, or set mongo.database)",
@@ -363,13 +360,13 @@ impl Settings {
         }
 
         let secret_len = raw.auth.api_secret.chars().count();
-        if secret_len == 0 {
+        if secret_len == 0 && tenants.is_none() {
             return Err(SettingsError::new(
                 "auth.api_secret",
                 "not set (Nightscout's API_SECRET, or NSBRIDGE_AUTH__API_SECRET)",
             ));
         }
-        if secret_len < MIN_API_SECRET_LEN {
+        if secret_len > 0 && secret_len < MIN_API_SECRET_LEN {
             return Err(SettingsError::new(
                 "auth.api_secret",
                 format!(
@@ -444,6 +441,7 @@ impl Settings {
 
         let settings = Settings {
             listen,
+            tenants,
             upstream,
             relay,
             replace_window: Duration::from_secs(raw.replace_window_secs),
@@ -498,6 +496,18 @@ impl Settings {
     }
 }
 
+/// `relay`: "apiv3" or "all".
+pub fn parse_relay(text: &str) -> Result<RelayMode, SettingsError> {
+    match text {
+        "apiv3" => Ok(RelayMode::Apiv3),
+        "all" => Ok(RelayMode::All),
+        other => Err(SettingsError::new(
+            "relay",
+            format!("unknown mode {other:?} (expected \"apiv3\" or \"all\")"),
+        )),
+    }
+}
+
 /// `state_dir` or `state_collection`, at most one of them.
 fn state_location(
     dir: &str,
@@ -533,7 +543,7 @@ fn state_location(
 }
 
 /// `upstream`: empty, or Nightscout's internal `http://host:port`.
-fn upstream_url(text: &str) -> Result<Option<axum::http::Uri>, SettingsError> {
+pub fn upstream_url(text: &str) -> Result<Option<axum::http::Uri>, SettingsError> {
     if text.is_empty() {
         return Ok(None);
     }

@@ -2,11 +2,12 @@
 //! a restarted bridge reads the stream again from where its history started, refills the
 //! history, and goes on live exactly after the last event it sent.
 //!
-//! Kept as a small JSON file per database in `state_dir` (written whole to a temporary
-//! file, then renamed over the old one), or as one document per database in
-//! `state_collection`; nothing else is ever written.
+//! Kept per site: a small JSON file in `state_dir` (`position-<site>.json`, written whole
+//! to a temporary file, then renamed over the old one), or one document in the site's
+//! database's `state_collection`; nothing else is ever written.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{Bson, doc};
@@ -15,8 +16,7 @@ use mongodb::change_stream::event::ResumeToken;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::channel::Channel;
-use crate::feed::ResumePoint;
+use crate::channel::SiteChannel;
 use crate::history::Checkpoint;
 use crate::settings::StateLocation;
 use crate::telemetry::metric;
@@ -24,7 +24,7 @@ use crate::telemetry::metric;
 /// How often the position is saved when it has moved.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(1);
 
-const FORMAT_VERSION: u32 = 1;
+const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -49,7 +49,8 @@ struct Saved {
     /// The resume token, as MongoDB extended JSON.
     token: serde_json::Value,
     seq: u64,
-    sent_seq: u64,
+    /// The resume token after the last event sent.
+    sent_token: serde_json::Value,
     complete_after_ms: i64,
 }
 
@@ -60,7 +61,7 @@ impl Saved {
             database: database.to_string(),
             token: checkpoint.token.clone().into_relaxed_extjson(),
             seq: checkpoint.seq,
-            sent_seq: checkpoint.sent_seq,
+            sent_token: checkpoint.sent_token.clone().into_relaxed_extjson(),
             complete_after_ms: checkpoint.complete_after_ms,
         }
     }
@@ -75,29 +76,33 @@ impl Saved {
         if self.database != database {
             return Err(format!("saved for database {:?}", self.database));
         }
-        if self.sent_seq < self.seq {
+        let token = |value: serde_json::Value| {
+            let token = Bson::try_from(value).map_err(|e| format!("resume token: {e}"))?;
+            if !matches!(token, Bson::Document(_)) {
+                return Err("the resume token is not a document".to_string());
+            }
+            Ok(token)
+        };
+        let (token, sent_token) = (token(self.token)?, token(self.sent_token)?);
+        if crate::history::position(&sent_token) < crate::history::position(&token) {
             return Err("its last event sent is before its checkpoint".into());
-        }
-        let token = Bson::try_from(self.token).map_err(|e| format!("resume token: {e}"))?;
-        if !matches!(token, Bson::Document(_)) {
-            return Err("the resume token is not a document".into());
         }
         Ok(Checkpoint {
             token,
             seq: self.seq,
-            sent_seq: self.sent_seq,
+            sent_token,
             complete_after_ms: self.complete_after_ms,
         })
     }
 }
 
-/// Where the stream resumes from, given a saved checkpoint.
-pub fn resume_point(checkpoint: &Checkpoint) -> Option<ResumePoint> {
-    let token: ResumeToken = bson::from_bson(checkpoint.token.clone()).ok()?;
-    Some(ResumePoint {
-        token,
-        sent_after: checkpoint.sent_seq - checkpoint.seq,
-    })
+/// Where a stream serving the sites of `checkpoints` resumes from: the oldest of them.
+pub fn resume_token<'a>(checkpoints: impl IntoIterator<Item = &'a Checkpoint>) -> Option<ResumeToken> {
+    let oldest = checkpoints
+        .into_iter()
+        .filter(|c| crate::history::position(&c.token).is_some())
+        .min_by(|a, b| crate::history::position(&a.token).cmp(&crate::history::position(&b.token)))?;
+    bson::from_bson(oldest.token.clone()).ok()
 }
 
 #[derive(Clone)]
@@ -108,11 +113,12 @@ pub enum StateStore {
 }
 
 impl StateStore {
-    pub fn new(location: &StateLocation, db: &Database) -> StateStore {
+    /// The state of site `tenant`, whose database is `db`.
+    pub fn new(location: &StateLocation, tenant: &str, db: &Database) -> StateStore {
         match location {
             StateLocation::None => StateStore::None,
             StateLocation::Directory(dir) => StateStore::Directory {
-                file: dir.join(file_name(db.name())),
+                file: dir.join(file_name(tenant)),
                 database: db.name().to_string(),
             },
             StateLocation::Collection(name) => StateStore::Collection {
@@ -222,9 +228,9 @@ impl StateStore {
     }
 }
 
-fn file_name(database: &str) -> String {
-    // Database names cannot hold '/', '\0' or '.' on most platforms, but be strict anyway.
-    let safe: String = database
+fn file_name(tenant: &str) -> String {
+    // Site names are validated, but a single site is named after its database.
+    let safe: String = tenant
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -256,7 +262,7 @@ fn write_atomically(file: &Path, text: &[u8]) -> Result<(), StateError> {
 
 /// Saves the channel's checkpoint whenever it moved, every [`SAVE_INTERVAL`], until shut
 /// down; the caller saves once more when the feed has stopped.
-pub async fn keep_saving(store: StateStore, channel: Channel, shutdown: CancellationToken) {
+pub async fn keep_saving(store: StateStore, channel: Arc<SiteChannel>, shutdown: CancellationToken) {
     if matches!(store, StateStore::None) {
         return;
     }
@@ -302,7 +308,7 @@ mod tests {
         Checkpoint {
             token: Bson::Document(doc! { "_data": "8265A1B2C3000000012B022C0100296E5A1004" }),
             seq: 120,
-            sent_seq: 180,
+            sent_token: Bson::Document(doc! { "_data": "8265A1B2C3000000452B022C0100296E5A1004" }),
             complete_after_ms: 1_700_000_000_000,
         }
     }
@@ -318,14 +324,15 @@ mod tests {
         assert!(store.load().await.unwrap().is_none(), "nothing saved yet");
         store.save(&checkpoint()).await.unwrap();
         assert_eq!(store.load().await.unwrap(), Some(checkpoint()));
-        let point = resume_point(&checkpoint()).unwrap();
-        assert_eq!(point.sent_after, 60);
         // Saved again over the old one, with no temporary file left behind.
         let later = Checkpoint {
             seq: 200,
-            sent_seq: 260,
+            token: Bson::Document(doc! { "_data": "8265A1B2C3000000222B022C0100296E5A1004" }),
             ..checkpoint()
         };
+        // A stream for both resumes from the older.
+        let token = resume_token([&later, &checkpoint()]).unwrap();
+        assert_eq!(bson::to_bson(&token).unwrap(), checkpoint().token);
         store.save(&later).await.unwrap();
         assert_eq!(store.load().await.unwrap(), Some(later));
         let files: Vec<_> = std::fs::read_dir(dir.path().join("state"))
@@ -346,19 +353,19 @@ mod tests {
         for (text, reason) in [
             ("not json", "expected ident"),
             (
-                r#"{"version":2,"database":"ns","token":{"_data":"x"},"seq":1,"sent_seq":1,"complete_after_ms":0}"#,
-                "format version 2",
+                r#"{"version":1,"database":"ns","token":{"_data":"x"},"seq":1,"sent_token":{"_data":"x"},"complete_after_ms":0}"#,
+                "format version 1",
             ),
             (
-                r#"{"version":1,"database":"other","token":{"_data":"x"},"seq":1,"sent_seq":1,"complete_after_ms":0}"#,
+                r#"{"version":2,"database":"other","token":{"_data":"x"},"seq":1,"sent_token":{"_data":"x"},"complete_after_ms":0}"#,
                 "saved for database \"other\"",
             ),
             (
-                r#"{"version":1,"database":"ns","token":"x","seq":1,"sent_seq":1,"complete_after_ms":0}"#,
+                r#"{"version":2,"database":"ns","token":"x","seq":1,"sent_token":{"_data":"x"},"complete_after_ms":0}"#,
                 "not a document",
             ),
             (
-                r#"{"version":1,"database":"ns","token":{"_data":"x"},"seq":5,"sent_seq":1,"complete_after_ms":0}"#,
+                r#"{"version":2,"database":"ns","token":{"_data":"b"},"seq":5,"sent_token":{"_data":"a"},"complete_after_ms":0}"#,
                 "before its checkpoint",
             ),
         ] {

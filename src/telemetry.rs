@@ -41,6 +41,34 @@ pub mod metric {
     pub const RECOVERIES: &str = "nsbridge_recoveries_total";
     pub const HISTORY_EVENTS: &str = "nsbridge_history_events";
     pub const STATE_SAVE_FAILURES: &str = "nsbridge_state_save_failures_total";
+    pub const CHANGE_STREAMS: &str = "nsbridge_change_streams";
+    pub const STREAM_FALLBACKS: &str = "nsbridge_change_stream_fallbacks_total";
+    pub const TENANTS: &str = "nsbridge_tenants";
+    pub const TENANTS_RELOADS: &str = "nsbridge_tenants_reloads_total";
+    pub const UNKNOWN_HOSTS: &str = "nsbridge_unknown_host_requests_total";
+}
+
+/// Distinct `tenant` label values at most: the sites past them share `other`, so that a
+/// bridge of thousands of sites keeps its metrics few.
+pub const MAX_TENANT_LABELS: usize = 250;
+
+/// The `tenant` label of site `name`: its name while fewer than [`MAX_TENANT_LABELS`]
+/// sites have one, else `other`. Stable for the process's life.
+pub fn tenant_label(name: &str) -> &'static str {
+    static LABELS: std::sync::Mutex<Option<std::collections::HashMap<String, &'static str>>> =
+        std::sync::Mutex::new(None);
+    let mut labels = LABELS.lock().unwrap();
+    let labels = labels.get_or_insert_with(Default::default);
+    if let Some(label) = labels.get(name) {
+        return label;
+    }
+    if labels.len() >= MAX_TENANT_LABELS {
+        return "other";
+    }
+    // Leaked once per distinct name, at most MAX_TENANT_LABELS of them.
+    let label: &'static str = Box::leak(name.to_string().into_boxed_str());
+    labels.insert(name.to_string(), label);
+    label
 }
 
 /// Installs the global log subscriber: `RUST_LOG` when set, else the configured level.

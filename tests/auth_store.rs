@@ -1,8 +1,11 @@
 //! The subject and role store against a real MongoDB wire-protocol server: it follows
-//! writes to `auth_subjects` and `auth_roles` while running.
+//! writes to `auth_subjects` and `auth_roles` while running, told of them by the change
+//! stream of its database.
 
 mod support;
 
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,9 +14,13 @@ use mongodb::bson::{Document, doc, oid::ObjectId};
 use nsbridge::auth::AuthSnapshot;
 use nsbridge::auth::store::{AuthStore, SnapshotReceiver};
 use nsbridge::auth::token::{access_token, api_secret_hash, subject_digest};
-use nsbridge::collections::Collection;
+use nsbridge::collections::{Collection, CollectionNames};
+use nsbridge::delivery::DeliveryWindow;
+use nsbridge::feed::{Feed, Route, Scope};
+use nsbridge::mapping::{MappingRules, RelayMode};
 use nsbridge::settings::ApiSecret;
 use support::store::TestStore;
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "this is my long pass phrase";
@@ -33,7 +40,30 @@ async fn start(db: &Database, default_roles: &[&str]) -> (SnapshotReceiver, Canc
     );
     let mut snapshots = store.snapshots();
     let shutdown = CancellationToken::new();
-    tokio::spawn(store.run(shutdown.clone()));
+    let changed = Arc::new(Notify::new());
+    let route = Route {
+        tenant: Arc::from(db.name()),
+        rules: MappingRules {
+            relay: RelayMode::Apiv3,
+            replace_window_ms: 60_000,
+            names: CollectionNames::default(),
+        },
+        auth_collections: store.collections(),
+        auth_changed: changed.clone(),
+    };
+    let routes = Arc::new(HashMap::from([(db.name().to_string(), route)]));
+    let feed = Feed::new(
+        db.client().clone(),
+        Scope::Database(db.name().to_string()),
+        watch::channel(routes).1,
+        NonZeroUsize::MIN,
+        false,
+    );
+    // The feed's events are not this test's: taken and dropped.
+    let (events, mut dropped) = mpsc::channel(16);
+    tokio::spawn(async move { while dropped.recv().await.is_some() {} });
+    tokio::spawn(feed.run(events, DeliveryWindow::new(16), shutdown.clone()));
+    tokio::spawn(store.run(changed, shutdown.clone()));
     tokio::time::timeout(Duration::from_secs(20), snapshots.wait_for(Option::is_some))
         .await
         .expect("auth data loaded")

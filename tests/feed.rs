@@ -36,11 +36,7 @@ async fn start_feed(db: &Database, relay: RelayMode) -> RunningFeed {
         replace_window_ms: 60_000,
         names: CollectionNames::default(),
     };
-    let feed = Feed::new(
-        db.clone(),
-        Mapper::new(rules, NonZeroUsize::new(1000).unwrap()),
-        false,
-    );
+    let feed = Feed::for_database(db, Mapper::new(rules, NonZeroUsize::new(1000).unwrap()), false);
     let mut status = feed.status();
     let (tx, events) = mpsc::channel(1024);
     let shutdown = CancellationToken::new();
@@ -297,11 +293,7 @@ async fn configured_collection_names_are_watched_under_logical_names() {
             ..Default::default()
         },
     };
-    let feed = Feed::new(
-        db.clone(),
-        Mapper::new(rules, NonZeroUsize::new(10).unwrap()),
-        false,
-    );
+    let feed = Feed::for_database(&db, Mapper::new(rules, NonZeroUsize::new(10).unwrap()), false);
     let mut status = feed.status();
     let (tx, mut events) = mpsc::channel(16);
     let shutdown = CancellationToken::new();
@@ -344,11 +336,7 @@ async fn the_stream_is_read_no_faster_than_the_window_admits() {
         replace_window_ms: 60_000,
         names: CollectionNames::default(),
     };
-    let feed = Feed::new(
-        db.clone(),
-        Mapper::new(rules, NonZeroUsize::new(10).unwrap()),
-        false,
-    );
+    let feed = Feed::for_database(&db, Mapper::new(rules, NonZeroUsize::new(10).unwrap()), false);
     let mut status = feed.status();
     let window = DeliveryWindow::new(3);
     let (tx, mut events) = mpsc::channel(16);

@@ -1,15 +1,16 @@
-//! The subject and role store: reads `<prefix>subjects` and `<prefix>roles`, follows their
-//! changes with a change stream, and publishes each new [`AuthSnapshot`] to whoever
-//! watches (the channel re-checks its subscriptions on every one).
+//! The subject and role store: reads `<prefix>subjects` and `<prefix>roles` whenever the
+//! change stream of its site's database sees them change, and publishes each new
+//! [`AuthSnapshot`] to whoever watches (the channel re-checks its subscriptions on every
+//! one).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bson::{Document, doc};
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use mongodb::Database;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::snapshot::{AuthDataWarning, AuthSnapshot};
@@ -76,39 +77,35 @@ impl AuthStore {
         Ok(())
     }
 
-    /// Follows changes until shut down: a reload after the stream opens (so nothing
-    /// between the read and the stream is missed) and after every change.
-    pub async fn run(mut self, shutdown: CancellationToken) {
+    /// Reads the auth data now and again whenever `changed` is notified (the change
+    /// stream sees a write to either collection, or opens), until shut down. A failed read
+    /// is retried with capped backoff; the last snapshot stays published meanwhile.
+    pub async fn run(mut self, changed: Arc<Notify>, shutdown: CancellationToken) {
         const INITIAL_DELAY: Duration = Duration::from_millis(200);
         let mut delay = INITIAL_DELAY;
         loop {
-            let started = tokio::time::Instant::now();
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                result = self.follow() => result,
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "following the auth collections failed; retrying");
+            match self.reload().await {
+                Ok(()) => {
+                    delay = INITIAL_DELAY;
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = changed.notified() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the auth collections failed; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
             }
-            if started.elapsed() > Duration::from_secs(60) {
-                delay = INITIAL_DELAY;
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-            delay = (delay * 2).min(Duration::from_secs(10));
         }
     }
 
-    async fn follow(&mut self) -> Result<(), mongodb::error::Error> {
-        let pipeline = [doc! { "$match": { "ns.coll": { "$in": [&self.subjects, &self.roles] } } }];
-        let mut stream = self.db.watch().pipeline(pipeline).await?.with_type::<Document>();
-        self.reload().await?;
-        while let Some(change) = stream.next().await {
-            change?;
-            self.reload().await?;
-        }
-        Ok(())
+    /// The names of the two collections, for the change stream that watches them.
+    pub fn collections(&self) -> [String; 2] {
+        [self.subjects.clone(), self.roles.clone()]
     }
 }

@@ -16,8 +16,9 @@ use socketioxide::SocketError;
 use socketioxide_core::Str;
 
 use super::recovery::Grants;
+use super::site::{SiteChannel, note_joined};
 use super::subscribe::{ReplayInfo, Since};
-use super::{ChannelState, NAMESPACE, Subscriber};
+use super::{NAMESPACE, Subscriber};
 use crate::collections::{Collection, CollectionNames};
 use crate::delivery::{packet_text, with_offset};
 use crate::history::{Coverage, Sent};
@@ -245,7 +246,7 @@ pub fn check_since(since: Since, now_ms: i64, limits: &ReplayLimits) -> Result<i
     }
 }
 
-impl ChannelState {
+impl SiteChannel {
     /// What a `subscribe` with `since` will replay of `collections`.
     pub(super) async fn plan(
         &self,
@@ -457,7 +458,7 @@ impl ChannelState {
                 };
                 if page.is_empty() {
                     let socket = subscriber.socket.id;
-                    super::note_joined(&subscriber.socket, history.last_seq());
+                    note_joined(&subscriber.socket, history.last_seq());
                     for (collection, subject) in grants {
                         rooms.join(socket, subscriber, subject, &[*collection]);
                     }

@@ -5,6 +5,8 @@
 //!   the connection's read buffer.
 //! - A polling payload that Engine.IO refuses as malformed ends its session; that is
 //!   logged here, once, with the client's address.
+//! - Every request is routed to its site by its host ([`SiteResolver`]); a Socket.IO
+//!   request for a host that is no site's is refused here, before any session.
 //! - In front-door mode, requests under `/socket.io/` that are not Engine.IO's (no `EIO`
 //!   parameter: Nightscout's `socket.io.js` and its map) go to Nightscout, and each new
 //!   session gets the slot of its upstream connection.
@@ -14,17 +16,36 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Extensions, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use hyper::upgrade::OnUpgrade;
 use socketioxide::socket::Sid;
 
+use super::Routed;
 use crate::net::ConnectionInfo;
-use crate::upstream::Upstream;
+use crate::telemetry::metric;
 use crate::upstream::relay::{FORWARDED_HANDSHAKE_HEADERS, SessionLink};
 
-/// Middleware on the Socket.IO path; see the module documentation.
-pub async fn guard(State(upstream): State<Option<Arc<Upstream>>>, request: Request, next: Next) -> Response {
-    if !request.uri().path().starts_with("/socket.io/") {
+/// Which site a request is for.
+pub trait SiteResolver: Send + Sync {
+    /// The site of a request with these headers; else the host it named (as sent, for the
+    /// answer).
+    fn resolve(&self, headers: &HeaderMap) -> Result<Routed, String>;
+}
+
+/// Middleware in front of everything; see the module documentation.
+pub async fn guard(State(sites): State<Arc<dyn SiteResolver>>, mut request: Request, next: Next) -> Response {
+    let socket_io = request.uri().path().starts_with("/socket.io/");
+    let upstream = match sites.resolve(request.headers()) {
+        Ok(routed) => {
+            let upstream = routed.upstream.clone();
+            request.extensions_mut().insert(routed);
+            upstream
+        }
+        Err(host) if socket_io => return unknown_site(&host),
+        // The bridge's own endpoints answer any host; nothing else does (see `http`).
+        Err(_) => None,
+    };
+    if !socket_io {
         return next.run(request).await;
     }
     let query = request.uri().query().unwrap_or("");
@@ -60,6 +81,20 @@ pub async fn guard(State(upstream): State<Option<Arc<Upstream>>>, request: Reque
     response
 }
 
+/// Engine.IO's error answer (`{"code":4,"message":...}`, Forbidden) to a session asked
+/// of a host that is no site's.
+pub fn unknown_site(host: &str) -> Response {
+    metrics::counter!(metric::UNKNOWN_HOSTS).increment(1);
+    let host: String = host.chars().take(100).collect();
+    let body = serde_json::json!({"code": 4, "message": format!("no Nightscout site at host {host:?} on this bridge")});
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 const KEPT_HEADERS: [HeaderName; 2] = [
     header::SEC_WEBSOCKET_KEY,
     HeaderName::from_static("x-forwarded-for"),
@@ -82,6 +117,9 @@ fn detach_head(request: Request, front_door: bool) -> Request {
     let mut extensions = Extensions::new();
     if let Some(connection) = parts.extensions.remove::<ConnectInfo<ConnectionInfo>>() {
         extensions.insert(connection);
+    }
+    if let Some(routed) = parts.extensions.remove::<Routed>() {
+        extensions.insert(routed);
     }
     if let Some(upgrade) = parts.extensions.remove::<OnUpgrade>() {
         extensions.insert(upgrade);

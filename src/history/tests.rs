@@ -36,7 +36,7 @@ fn filled(limits: HistoryLimits, count: i64) -> History {
 }
 
 fn token(seq: i64) -> Bson {
-    Bson::Document(doc! { "_data": format!("token-{seq}") })
+    Bson::Document(doc! { "_data": format!("token-{seq:08}") })
 }
 
 fn identifiers(sent: &[Sent]) -> Vec<&str> {
@@ -140,16 +140,16 @@ fn the_checkpoint_is_the_newest_token_at_or_before_the_oldest_event() {
     // Tokens kept after events 1, 101, 201, ..
     let first = history_of(50);
     assert_eq!(
-        (first.token.clone(), first.seq, first.sent_seq),
-        (token(1), 1, 50)
+        (first.token.clone(), first.seq, first.sent_token.clone()),
+        (token(1), 1, token(50))
     );
     // Event 1 is not read again: the refilled history is complete after it.
     assert_eq!(first.complete_after_ms, T0_MS + 1000);
     let later = history_of(250);
     // Events 101..250 are held: the checkpoint after event 101 misses event 101 only.
     assert_eq!(
-        (later.token.clone(), later.seq, later.sent_seq),
-        (token(101), 101, 250)
+        (later.token.clone(), later.seq, later.sent_token.clone()),
+        (token(101), 101, token(250))
     );
     assert_eq!(later.complete_after_ms, T0_MS + 101_000);
     let after_a_gap = {
@@ -176,4 +176,12 @@ fn a_resumed_history_carries_on_the_positions() {
     assert_eq!(seq, 42);
     assert_eq!(history.coverage(T0_MS), Coverage::History { after_seq: 41 });
     assert_eq!(history.checkpoint(), None, "no token yet");
+}
+
+#[test]
+fn positions_are_the_tokens_data() {
+    assert_eq!(position(&token(7)), Some("token-00000007"));
+    assert!(position(&token(7)) < position(&token(10)));
+    assert_eq!(position(&Bson::String("x".into())), None);
+    assert_eq!(position(&Bson::Document(doc! { "_data": 1 })), None);
 }

@@ -97,7 +97,11 @@ pub fn register(io: &SocketIo, upstream: Arc<Upstream>) {
 }
 
 /// Connects the client's namespace upstream, and registers the handlers that relay it.
-async fn connect(upstream: &Arc<Upstream>, socket: &SocketRef, auth: Option<Json>) -> Result<(), RelayError> {
+pub async fn connect(
+    upstream: &Arc<Upstream>,
+    socket: &SocketRef,
+    auth: Option<Json>,
+) -> Result<(), RelayError> {
     let connected = open_namespace(upstream, socket, auth).await;
     if let Err(e) = &connected {
         tracing::info!(sid = %socket.id, namespace = socket.ns(), error = %e, "relayed namespace refused");
