@@ -3,8 +3,10 @@
 
 Starts the launcher on a free loopback port in a temporary directory and checks
 the change-event shapes and types, database-level streams with $match, waiting
-on idle streams, the cluster-level error, resume tokens, and resuming after a
-SIGKILL and restart on the same data dir. Prints a few measured figures.
+on idle streams, cluster-level streams (client.watch(): order across
+databases, $match on ns.db, resume tokens, waiting, new and dropped databases,
+--refuse-cluster-streams), resume tokens, and resuming after a SIGKILL and
+restart on the same data dir. Prints a few measured figures.
 Exits non-zero on the first failure.
 
     python check_launcher.py [--quick]
@@ -239,14 +241,6 @@ def run_db_stream(client, db_name):
     except OperationFailure as exc:
         check(exc.code in (260, 286), "garbage token: error", exc.code)
 
-    section("cluster-level stream")
-    try:
-        s = client.watch()
-        s.try_next()
-        raise CheckFailed("client.watch() did not fail")
-    except OperationFailure as exc:
-        check(exc.code == 115, "client.watch() gives an explicit error", str(exc))
-
     section("drop")
     cs = db.food.watch(max_await_time_ms=300)
     ds = db.watch(max_await_time_ms=300)
@@ -260,6 +254,166 @@ def run_db_stream(client, db_name):
     check(ev["operationType"] == "drop" and ev["ns"] == {"db": db_name, "coll": "food"},
           "db stream: drop event", ev)
     ds.close()
+
+
+def collect(stream, n, timeout=5.0):
+    return [next_event(stream, timeout) for _ in range(n)]
+
+
+def run_cluster(client):
+    section("cluster-level stream (client.watch())")
+    a, b = client.cla, client.clb
+    a.pre.insert_one({"x": 0})  # both databases exist before the stream opens
+    b.pre.insert_one({"x": 0})
+    stream = client.watch(full_document="updateLookup",
+                          full_document_before_change="whenAvailable", max_await_time_ms=300)
+    only_b = client.watch([{"$match": {
+        "ns.db": {"$in": ["clb"]}, "ns.coll": {"$in": ["e"]},
+        "operationType": {"$in": ["insert", "update", "replace", "delete"]}}}],
+        max_await_time_ms=300)
+    a.e.insert_one({"_id": 1, "v": 1})
+    b.e.insert_one({"_id": 1, "v": 1})
+    b.e.update_one({"_id": 1}, {"$set": {"v": 2}})
+    a.e.replace_one({"_id": 1}, {"v": 5})
+    a.t.insert_many([{"_id": i} for i in range(3)])
+    b.e.delete_one({"_id": 1})
+    a.e.update_one({"_id": 1}, {"$set": {"w": 1}})
+    b.f.insert_one({"_id": 9})
+    want = [("insert", "cla", "e"), ("insert", "clb", "e"), ("update", "clb", "e"),
+            ("replace", "cla", "e"), ("insert", "cla", "t"), ("insert", "cla", "t"),
+            ("insert", "cla", "t"), ("delete", "clb", "e"), ("update", "cla", "e"),
+            ("insert", "clb", "f")]
+    evs = collect(stream, len(want))
+    check([(e["operationType"], e["ns"]["db"], e["ns"]["coll"]) for e in evs] == want,
+          "cluster stream: both databases' events in write order with their ns",
+          [(e["operationType"], e["ns"]) for e in evs])
+    for ev, (op, db, coll) in zip(evs[:4], want):
+        check_common(ev, op, db, coll)
+    check(evs[2]["updateDescription"]["updatedFields"] == {"v": 2}
+          and evs[2]["fullDocument"] is None
+          and evs[2]["fullDocumentBeforeChange"] == {"_id": 1, "v": 1},
+          "cluster update: updateDescription, updateLookup (deleted since: null), pre-image",
+          evs[2])
+    check(evs[3]["fullDocument"] == {"_id": 1, "v": 5}
+          and evs[3]["fullDocumentBeforeChange"] == {"_id": 1, "v": 1},
+          "cluster replace: fullDocument and pre-image", evs[3])
+    check(evs[8]["fullDocument"] == {"_id": 1, "v": 5, "w": 1},
+          "cluster update: updateLookup gives the current document", evs[8])
+    check(evs[7]["documentKey"] == {"_id": 1} and "fullDocument" not in evs[7],
+          "cluster delete: documentKey only", evs[7])
+    datas = [e["_id"]["_data"] for e in evs]
+    check(all(x < y for x, y in zip(datas, datas[1:])),
+          "cluster tokens increase in stream order compared as strings", datas)
+    times = [e["clusterTime"] for e in evs]
+    check(all(x < y for x, y in zip(times, times[1:])), "cluster clusterTime increases")
+    check(stream.resume_token["_data"] >= datas[-1], "postBatchResumeToken >= last event",
+          stream.resume_token)
+
+    got = collect(only_b, 3)
+    check([e["_id"] for e in got] == [evs[1]["_id"], evs[2]["_id"], evs[7]["_id"]],
+          "$match on ns.db/ns.coll/operationType: only clb.e, same tokens",
+          [(e["operationType"], e["ns"]) for e in got])
+    check(only_b.try_next() is None, "$match stream: nothing else")
+    only_b.close()
+
+    resumed = client.watch(resume_after=evs[3]["_id"], max_await_time_ms=300)
+    rest = collect(resumed, len(evs) - 4)
+    check([e["_id"] for e in rest] == [e["_id"] for e in evs[4:]],
+          "resumeAfter a cluster token mid-way: exactly the rest")
+    check(resumed.try_next() is None, "resumeAfter: nothing after the rest")
+    resumed.close()
+    started = client.watch(start_after=evs[8]["_id"], max_await_time_ms=300)
+    check(next_event(started)["_id"] == evs[9]["_id"], "startAfter a cluster token")
+    started.close()
+    at = client.watch(start_at_operation_time=evs[8]["clusterTime"], max_await_time_ms=300)
+    check([e["_id"] for e in collect(at, 2)] == [evs[8]["_id"], evs[9]["_id"]],
+          "startAtOperationTime: from the event with that clusterTime on")
+    at.close()
+    per_db = client.cla.watch(resume_after=evs[3]["_id"], max_await_time_ms=300)
+    got = collect(per_db, 4)
+    check([(e["operationType"], e["ns"]["coll"]) for e in got]
+          == [("insert", "t")] * 3 + [("update", "e")],
+          "a database stream resumes from a cluster token (that database's rest)",
+          [(e["operationType"], e["ns"]) for e in got])
+    per_db.close()
+    try:
+        s = client.watch(resume_after={"_data": "C" + "F" * 24})
+        s.try_next()
+        raise CheckFailed("a cluster token from the future was accepted")
+    except OperationFailure as exc:
+        check(exc.code == 286, "cluster token of another log: error 286", exc.code)
+
+    t0 = time.monotonic()
+    ev = stream.try_next()
+    took = time.monotonic() - t0
+    check(ev is None and 0.25 <= took <= 1.0, "idle cluster getMore waits (maxAwaitTimeMS 300)",
+          took)
+    stream.close()
+
+    new_name = "clnew%d" % os.getpid()
+    idle = client.watch(max_await_time_ms=5000)
+    lat = []
+    for target in (client.cla.e, client.clb.other, client[new_name].c):
+        sent = []
+
+        def writer():
+            time.sleep(0.3)
+            sent.append(time.perf_counter())
+            target.insert_one({"wake": 1})
+
+        th = threading.Thread(target=writer)
+        th.start()
+        ev = idle.try_next()
+        got_at = time.perf_counter()
+        th.join()
+        check(ev is not None and ev["ns"] == {"db": target.database.name, "coll": target.name},
+              f"waiting cluster getMore wakes on a write to {target.full_name}",
+              ev and ev["ns"])
+        lat.append(got_at - sent[0])
+    check(max(lat) < 0.05, "woken within 50 ms of the write",
+          ["%.1f ms" % (1000 * x) for x in lat])
+    check(True, f"a database created after the stream opened ({new_name}) is seen")
+
+    client.clb.e.insert_one({"last": 1})  # not read by the stream before the drop
+    client.drop_database("clb")
+    ops = [(e["operationType"], e["ns"]) for e in collect(idle, 6)]
+    check(ops == [("insert", {"db": "clb", "coll": "e"})]
+          + [("drop", {"db": "clb", "coll": c}) for c in ("e", "f", "other", "pre")]
+          + [("dropDatabase", {"db": "clb"})],
+          "dropDatabase: unread events first, a drop per collection, then dropDatabase", ops)
+    client.cla.e.insert_one({"after": 1})
+    ev = next_event(idle)
+    check(ev["operationType"] == "insert" and idle.alive,
+          "cluster stream goes on after dropDatabase (no invalidate)")
+    idle.close()
+
+
+def run_refuse(tmp):
+    section("--refuse-cluster-streams")
+    data = os.path.join(tmp, "refuse")
+    os.makedirs(data)
+    launcher = Launcher(data, free_port(), "--refuse-cluster-streams")
+    client = MongoClient(launcher.uri, serverSelectionTimeoutMS=5000)
+    try:
+        try:
+            s = client.watch([{"$match": {"ns.db": {"$in": ["t1"]}}}])
+            s.try_next()
+            raise CheckFailed("client.watch() was not refused")
+        except OperationFailure as exc:
+            check(exc.code == 13 and exc.details.get("codeName") == "Unauthorized",
+                  "client.watch(): code 13 Unauthorized", exc.details)
+            check(str(exc).startswith(
+                "not authorized on admin to execute command { aggregate: 1,"),
+                "message as mongod's", str(exc))
+        s = client.t1.watch(max_await_time_ms=300)
+        client.t1.c.insert_one({"x": 1})
+        ev = next_event(s)
+        check(ev["operationType"] == "insert" and ev["ns"] == {"db": "t1", "coll": "c"},
+              "database streams still work")
+        s.close()
+    finally:
+        client.close()
+        launcher.kill(signal.SIGTERM)
 
 
 def run_idle(launcher, client, db_name):
@@ -361,6 +515,96 @@ def measure(uri, client, db_name, quick):
           f"all events by {times[-1] - t0:.2f}s ({m / (times[-1] - t0):.0f} events/s)")
 
 
+def bridge_filter(dbs):
+    """The $match the bridge's deployment-level stream sends."""
+    return [{"$match": {"ns.db": {"$in": sorted(dbs)},
+                        "ns.coll": {"$in": ["entries", "treatments", "devicestatus", "c"]},
+                        "operationType": {"$in": ["insert", "update", "replace", "delete"]}}}]
+
+
+def measure_cluster(launcher, uri, client, quick):
+    section("figures: cluster stream")
+    col = client.cperf.c
+    col.insert_one({"warm": 1})
+    ready = threading.Event()
+    times: list[float] = []
+
+    def consume(total, pipeline):
+        s = client.watch(pipeline, max_await_time_ms=500)
+        ready.set()
+        while len(times) < total:
+            if s.try_next() is not None:
+                times.append(time.perf_counter())
+        s.close()
+
+    m = 2000 if quick else 10000
+    th = threading.Thread(target=consume, args=(m, []))
+    th.start()
+    ready.wait()
+    t0 = time.perf_counter()
+    col.insert_many([{"bulk": i} for i in range(m)])
+    t_ins = time.perf_counter() - t0
+    th.join(120)
+    check(len(times) == m, f"cluster stream: insert_many of {m}, every event delivered",
+          len(times))
+    print(f"  cluster stream draining insert_many({m}) into one database: written in "
+          f"{t_ins:.2f}s, all events by {times[-1] - t0:.2f}s "
+          f"({m / (times[-1] - t0):.0f} events/s)")
+
+    n = 100 if quick else 1000
+    names = [f"idle{i:04d}" for i in range(n)]
+    t0 = time.monotonic()
+    for name in names:
+        client[name].c.insert_one({"seed": 1})
+    print(f"  created {n} databases (one file each) in {time.monotonic() - t0:.1f}s")
+
+    for label, targets in (("one database", [col] * 2),
+                           ("round-robin over the idle databases",
+                            [client[name].c for name in names])):
+        lat: list[float] = []
+        count = 100 if quick else 300
+        started = threading.Event()
+
+        def consume_latency():
+            s = client.watch(bridge_filter(names + ["cperf"]), max_await_time_ms=1000)
+            started.set()
+            while len(lat) < count:
+                ev = s.try_next()
+                if ev is not None and "sent" in ev["fullDocument"]:
+                    lat.append(time.perf_counter() - ev["fullDocument"]["sent"])
+            s.close()
+
+        th = threading.Thread(target=consume_latency)
+        th.start()
+        started.wait()
+        time.sleep(0.2)
+        writer = MongoClient(uri)
+        cpu0 = launcher.cpu_seconds()
+        for i in range(count):
+            t = targets[i % len(targets)]
+            writer[t.database.name][t.name].insert_one({"sent": time.perf_counter()})
+            time.sleep(0.005)
+        th.join(30)
+        writer.close()
+        check(len(lat) == count, f"{n} databases, writes to {label}: every event delivered",
+              len(lat))
+        lat.sort()
+        print(f"  insert -> event latency, cluster stream, {n} databases, writes to {label}: "
+              f"p50 {1000 * lat[len(lat) // 2]:.2f} ms, "
+              f"p95 {1000 * lat[int(len(lat) * 0.95)]:.2f} ms; server CPU "
+              f"{1000 * (launcher.cpu_seconds() - cpu0) / count:.2f} ms per write+event")
+
+    s = client.watch(bridge_filter(names), max_await_time_ms=500)
+    s.try_next()
+    cpu0, wall0 = launcher.cpu_seconds(), time.monotonic()
+    while time.monotonic() - wall0 < 2.0:
+        s.try_next()
+    pct = 100 * (launcher.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+    s.close()
+    print(f"  idle cluster stream over {n} databases: server CPU {pct:.1f}% of a core")
+    check(pct < 5, "idle cluster stream costs ~0% CPU", pct)
+
+
 def run_restart(tmp, quick):
     section("resume after SIGKILL and restart on the same data dir")
     data = os.path.join(tmp, "restart")
@@ -370,10 +614,14 @@ def run_restart(tmp, quick):
     client = MongoClient(first.uri, serverSelectionTimeoutMS=5000)
     col = client.rs.entries
     stream = client.rs.watch(max_await_time_ms=300)
+    cstream = client.watch(max_await_time_ms=300)
     for i in range(3):
         col.insert_one({"i": i})
+    client.rs2.c.insert_one({"k": 1})  # a database nobody opens after the restart
     evs = [next_event(stream) for _ in range(3)]
     token = evs[0]["_id"]
+    cevs = collect(cstream, 4)
+    ctoken = cevs[0]["_id"]
     # a pymongo stream that survives the restart (auto-resume on a network error)
     live = client.rs.watch(max_await_time_ms=300, resume_after=evs[2]["_id"])
     first.kill(signal.SIGKILL)
@@ -395,6 +643,15 @@ def run_restart(tmp, quick):
     check(ev["_id"] == got[2]["_id"], "a pymongo stream open across the kill resumes by itself")
     live.close()
     resumed.close()
+    cres = c2.watch(resume_after=ctoken, max_await_time_ms=300)
+    cgot = collect(cres, 5)
+    check([e["_id"] for e in cgot[:3]] == [e["_id"] for e in cevs[1:]],
+          "cluster resumeAfter after restart replays the pre-kill events (rs2 not reopened)",
+          [(e["operationType"], e["ns"]) for e in cgot])
+    check(cgot[3]["fullDocument"]["i"] == 3 and cgot[4]["ns"] == {"db": "rs", "coll": "other"}
+          and cgot[3]["_id"]["_data"] > cevs[3]["_id"]["_data"],
+          "then the events written after the restart, with larger tokens")
+    cres.close()
 
     for i in range(40):
         c2.rs.entries.insert_one({"fill": i})
@@ -404,6 +661,12 @@ def run_restart(tmp, quick):
         raise CheckFailed("an expired token was accepted")
     except OperationFailure as exc:
         check(exc.code == 286, "expired token: error 286 ChangeStreamHistoryLost", exc.code)
+    try:
+        s = c2.watch(resume_after=ctoken)
+        s.try_next()
+        raise CheckFailed("an expired cluster token was accepted")
+    except OperationFailure as exc:
+        check(exc.code == 286, "expired cluster token: error 286", exc.code)
     second.kill(signal.SIGTERM)
     check(not os.path.exists(second.pid_file), "pid file removed on SIGTERM")
 
@@ -419,8 +682,11 @@ def main():
         try:
             run_shapes(client, "chk")
             run_db_stream(client, "chkdb")
+            run_cluster(client)
             run_idle(launcher, client, "chkidle")
             measure(launcher.uri, client, "chkperf", quick)
+            measure_cluster(launcher, launcher.uri, client, quick)
+            run_refuse(tmp)
             run_restart(tmp, quick)
         finally:
             client.close()

@@ -9,9 +9,14 @@ server starts; the installed package files are never modified.
 
 Usage (same option names as nx-27017's own CLI):
     python nx_launcher.py --data-dir DIR --host 127.0.0.1 -p PORT --pid-file FILE
+        [--changelog-retention N] [--refuse-cluster-streams]
 It runs in the foreground (the caller owns and kills the process) and prints
 one line "nx_launcher: ready on HOST:PORT (pid N)" on stdout once the port
 accepts connections. `-p 0` picks a free port and prints it.
+--refuse-cluster-streams answers client.watch() with 13 Unauthorized ("not
+authorized on admin to execute command { aggregate: 1, ... }"), as mongod does
+for a user who may read the tenant databases only, to test the fallback to one
+stream per database.
 
 Fixes (numbers are the rows of the defect table in test-store.md):
 
@@ -44,17 +49,23 @@ Fixes (numbers are the rows of the defect table in test-store.md):
     pre-image.
  4. Database- and cluster-level streams. `aggregate: 1` with $changeStream
     watches every collection of the database (stock watched a collection
-    literally named "1"). Trailing $match stages are evaluated on the event
-    (dotted paths, $eq $ne $gt $gte $lt $lte $in $nin $exists $not $and $or
-    $nor $regex); other stages give an explicit error. client.watch()
-    (allChangesForCluster) gives an explicit error (code 115) instead of
-    silently watching nothing.
+    literally named "1"). client.watch() (`aggregate: 1` on admin with
+    allChangesForCluster, stock: nothing) watches every database but admin,
+    config and local, including databases created later, in one global order
+    (below), with the same event shapes and options; a dropped database
+    gives its events not yet read by an open cluster stream, then "drop" per
+    collection and "dropDatabase" (no invalidate). Trailing $match stages are
+    evaluated on the event (dotted paths, $eq $ne $gt $gte $lt $lte $in $nin
+    $exists $not $and $or $nor $regex); other stages give an explicit error.
  5. Waiting. getMore on an idle stream waits up to its maxTimeMS (the
     driver's maxAwaitTimeMS; 1000 ms when absent) on a condition variable that
     every write notifies, so an idle stream costs ~0% CPU and an event arrives
     within a few ms. The server runs one thread per connection (nx-27017's own
     threaded mode) so a waiting getMore never starves other connections.
-    Replies carry postBatchResumeToken.
+    Replies carry postBatchResumeToken. On a wake-up a database stream
+    queries its log only if its database was written; a cluster stream
+    queries only the databases holding rows stamped (6) past its position,
+    so a write to one of 1,000 databases costs it one SQLite query.
  6. Logging from the start. The triggers are installed when a collection is
     created and on every collection of a database file when it is opened, so
     writes are logged before any watch. The log is a table in the database's
@@ -67,6 +78,27 @@ Fixes (numbers are the rows of the defect table in test-store.md):
     (--changelog-retention rows per database, default 100000), fails with
     code 286 ChangeStreamHistoryLost; an unparsable one with 260.
     startAtOperationTime is honoured (clusterTime order).
+    Global order: every log row gets a gseq from one process-wide hybrid
+    logical clock, gseq = (ms since 1970 << 20) + counter, strictly
+    increasing, stored in the row. A TEMP trigger (this process's connection
+    only, so other processes can still write the files) sets it inside the
+    statement that writes the row; rows without one (other processes, a
+    crash) are stamped before this server next writes, or when it opens,
+    that database.
+    Each database has one SQLite connection here, running one statement at a
+    time and seeing its own rows at once, so a cluster stream that has read
+    up to gseq g never finds a row below g later; a write A before a write B
+    (any databases) has gseq(A) < gseq(B). Across a restart the clock (and a
+    high-water mark in admin.db, saved once a second of activity, against a
+    clock stepping back) keeps new gseqs above old ones; a stream resuming
+    from before the restart first reads each database file's highest gseq.
+    Cluster tokens are {_data: "C<16 hex gseq><8 hex admin epoch>"}, so they
+    order as strings; clusterTime is gseq re-encoded, Timestamp(gseq //
+    (1000 << 20), gseq % (1000 << 20)). A cluster token below a gseq pruned
+    from any database, or from another data dir (admin.db's epoch), fails
+    with 286; a database stream also resumes from a cluster token (after its
+    last row at or before that position). Logs of an older launcher get
+    gseq = seq: they sort before all history.
  7. Data round trips. `$set` (and the other update operators) of booleans,
     datetimes, ObjectIds etc. went through neosqlite's SQL json_set path,
     which stored false as 0 and dates as strings; such updates now take
@@ -90,7 +122,15 @@ one of the two; change-stream pipelines take $match
 stages only (others are refused); no rename/create/modify events and no
 showExpandedEvents; writes inside an open transaction are visible to streams
 before the commit; a write made by another process on the same files is only
-seen at the next wake-up of a waiting getMore (maxTimeMS at most).
+seen by a database stream at its next getMore (maxTimeMS at most), and by a
+cluster stream only once this server writes or opens that database; a
+database or collection token cannot resume a cluster stream (286); on
+dropDatabase, streams on that database lose their unread events (as before),
+and a cluster stream not open at the time and resumed later from before the
+drop skips that database's events (open ones get them); the same event has
+a different clusterTime in a cluster stream (gseq) and a database stream
+(per-database seq); a write whose reply a crash cut off may reach cluster
+streams opened after the restart as a new event.
 """
 
 from __future__ import annotations
@@ -102,9 +142,11 @@ import random
 import re
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
+import urllib.parse
 from datetime import date, datetime, timezone
 from decimal import Decimal
 
@@ -137,6 +179,24 @@ WRITE_COMMANDS = frozenset(
      "bulkWrite", "renameCollection", "renamecollection"}
 )
 NO_STREAM_DBS = ("admin", "config", "local")
+# Commands that never write: everything else counts as a possible write (it is
+# stamped and wakes the streams), so a write path nobody hooked is not missed.
+READ_ONLY_COMMANDS = frozenset(
+    {"ping", "ismaster", "isMaster", "hello", "Hello", "buildinfo", "buildInfo",
+     "whatsmyuri", "serverStatus", "dbStats", "dbstats", "collStats", "collstats",
+     "count", "distinct", "find", "getMore", "killCursors", "listCollections",
+     "listcollections", "listIndexes", "listindexes", "listSearchIndexes",
+     "listDatabases", "listdatabases", "endSessions", "startSession",
+     "getParameter", "getLog", "hostInfo", "connectionStatus", "getCmdLineOpts",
+     "saslStart", "saslContinue", "explain", "create", "createIndexes",
+     "dropIndexes", "abortTransaction", "commitTransaction", "getLastError",
+     "getnonce", "logout", "currentOp", "dataSize", "validate"}
+)
+# Cluster positions: gseq = (milliseconds since the epoch << 20) + counter, a
+# hybrid logical clock, so that clusterTime is an exact re-encoding of gseq:
+# Timestamp(gseq // GSEQ_PER_SEC, gseq % GSEQ_PER_SEC); the inc stays < 2**32.
+GSEQ_PER_SEC = 1000 << 20
+HWM_AHEAD = 1000 << 20  # one second of gseq persisted ahead per admin write
 
 
 def _error(code: int, name: str, msg: str) -> dict:
@@ -314,6 +374,22 @@ def _regex_of(pattern, options=""):
     return re.compile(str(pattern), flags)
 
 
+_STR_SETS: dict[int, tuple] = {}
+
+
+def _in(v, arg) -> bool:
+    # the bridge's cluster stream filters {"ns.db": {"$in": [1,000 names]}}:
+    # a string only equals a string (see _eq), so a set answers in O(1)
+    if type(v) is str:
+        hit = _STR_SETS.get(id(arg))
+        if hit is None or hit[0] is not arg:
+            if len(_STR_SETS) > 1024:
+                _STR_SETS.clear()
+            hit = _STR_SETS[id(arg)] = (arg, frozenset(a for a in arg if type(a) is str))
+        return v in hit[1]
+    return any(_eq(v, a) for a in arg)
+
+
 def _cond(values, cond) -> bool:
     if isinstance(cond, dict) and cond and all(k.startswith("$") for k in cond):
         for op, arg in cond.items():
@@ -322,9 +398,9 @@ def _cond(values, cond) -> bool:
             elif op == "$ne":
                 ok = not any(_eq(v, arg) for v in values)
             elif op == "$in":
-                ok = any(_eq(v, a) for v in values for a in arg)
+                ok = any(_in(v, arg) for v in values)
             elif op == "$nin":
-                ok = not any(_eq(v, a) for v in values for a in arg)
+                ok = not any(_in(v, arg) for v in values)
             elif op in ("$gt", "$gte", "$lt", "$lte"):
                 ok = any(_cmp(v, arg, op) for v in values)
             elif op == "$exists":
@@ -418,11 +494,60 @@ def parse_token(token):
     return int(m.group(1), 16), int(m.group(2), 16)
 
 
+def make_cluster_token(epoch: int, gseq: int) -> dict:
+    # gseq first: cluster tokens order by their position as plain strings, and
+    # the length (25) keeps them apart from database tokens (24, or 25 with I)
+    return {"_data": f"C{gseq:016X}{epoch:08X}"}
+
+
+def parse_cluster_token(token):
+    """Return (epoch, gseq) or None when the token is not a cluster token."""
+    if isinstance(token, dict):
+        token = token.get("_data")
+    if not isinstance(token, str):
+        return None
+    m = re.fullmatch(r"C([0-9A-F]{16})([0-9A-F]{8})", token)
+    if not m:
+        return None
+    return int(m.group(2), 16), int(m.group(1), 16)
+
+
+def _now_gseq() -> int:
+    return (time.time_ns() // 1_000_000) << 20
+
+
+def _gseq_time(gseq: int) -> Timestamp:
+    return Timestamp(gseq // GSEQ_PER_SEC, gseq % GSEQ_PER_SEC)
+
+
+def _shell(value) -> str:
+    """A value the way the mongo shell (and mongod's error messages) print it."""
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{k}: {_shell(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[ " + ", ".join(_shell(v) for v in value) + " ]" if value else "[]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, (BsonObjectId, NeoObjectId)):
+        return f"ObjectId('{value}')"
+    return str(value)
+
+
 class Stream:
-    def __init__(self, cid, db, coll, matches, full_doc, before, epoch, watermark, owner):
+    def __init__(self, cid, db, coll, matches, full_doc, before, epoch, watermark, owner,
+                 cluster=False):
         self.id = cid
         self.db = db
-        self.coll = coll  # None for a database-level stream
+        self.coll = coll  # None for a database-level or cluster stream
+        self.cluster = cluster  # watermark and tokens are gseqs, not seqs
         self.matches = matches
         self.full_doc = full_doc
         self.before = before
@@ -433,10 +558,21 @@ class Stream:
         self.closed = False
         self.lock = threading.Lock()
         self.last_used = time.monotonic()
+        self.seen_gen = None  # the database's write generation at the last pull
 
     @property
     def ns(self) -> str:
         return f"{self.db}.{self.coll}" if self.coll else f"{self.db}.$cmd.aggregate"
+
+    def token(self, pos: int, invalidate: bool = False) -> dict:
+        if self.cluster:
+            return make_cluster_token(self.epoch, pos)
+        return make_token(self.epoch, pos, invalidate)
+
+    def cluster_time(self, pos: int, ts) -> Timestamp:
+        if self.cluster:
+            return _gseq_time(pos)
+        return Timestamp(int(ts) // 1000, pos & 0xFFFFFFFF)
 
 
 # --------------------------------------------------------------------------
@@ -444,15 +580,28 @@ class Stream:
 # --------------------------------------------------------------------------
 
 class ChangeHub:
-    def __init__(self, retention: int):
+    def __init__(self, retention: int, refuse_cluster: bool = False):
         self.handler = None
         self.retention = max(1, int(retention))
         self.prune_every = max(1, min(1000, self.retention // 10))
+        self.refuse_cluster = refuse_cluster
         self.cond = threading.Condition()
         self.gen = 0
         self.streams: dict[int, Stream] = {}
         self.streams_lock = threading.Lock()
         self.write_counts: dict[str, int] = {}
+        self.db_gen: dict[str, int] = {}
+        # Global order (fix 6). `last` is the highest gseq issued; the lock
+        # is taken inside SQLite statements (nx_gseq), so nothing may run SQL
+        # or take another lock while holding it.
+        self.gseq_lock = threading.Lock()
+        self.last = 0
+        self.boot = None  # first gseq this process may issue (set with admin)
+        self.hwm_saved = 0
+        self.cluster_epoch = 0
+        self.db_last: dict[str, int] = {}  # database -> highest gseq it holds
+        self.lost = 0  # highest gseq pruned from any database seen so far
+        self.cold_loaded = False
 
     # -- storage ---------------------------------------------------------
 
@@ -466,13 +615,23 @@ class ChangeHub:
             " op TEXT NOT NULL,"
             " ts INTEGER NOT NULL DEFAULT"
             " (CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)),"
-            " old_data, new_data)"
+            " old_data, new_data, gseq INTEGER)"
+        )
+        if not conn.execute(
+                f"SELECT 1 FROM pragma_table_info('{LOG_TABLE}') WHERE name = 'gseq'"
+        ).fetchone():  # a log written by an older launcher
+            conn.execute(f"ALTER TABLE {LOG_TABLE} ADD COLUMN gseq INTEGER")
+            # its rows predate every cluster position (gseq starts near 2**60)
+            conn.execute(f"UPDATE {LOG_TABLE} SET gseq = seq")
+        conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {LOG_TABLE}_gseq ON {LOG_TABLE}(gseq)"
         )
         conn.execute(
             f"CREATE TABLE IF NOT EXISTS {META_TABLE} (k TEXT PRIMARY KEY, v)"
         )
         conn.execute(
-            f"INSERT OR IGNORE INTO {META_TABLE}(k, v) VALUES ('epoch', ?), ('pruned', 0)",
+            f"INSERT OR IGNORE INTO {META_TABLE}(k, v) VALUES ('epoch', ?), ('pruned', 0),"
+            " ('pruned_gseq', 0)",
             (random.randrange(1, 0xFFFFFFFF),),
         )
 
@@ -509,13 +668,172 @@ class ChangeHub:
         for kind in ("i", "u", "d"):
             conn.execute(f"DROP TRIGGER IF EXISTS {_qident(TRIGGER_PREFIX + name + '_' + kind)}")
 
-    def setup_connection(self, conn) -> None:
-        """A database file was opened: log table plus triggers on all collections."""
+    def setup_connection(self, conn, db_name: str) -> None:
+        """A database file was opened: log table plus triggers on all collections.
+
+        Runs under the handler's dict lock (the connection is not published
+        yet), so it stamps without taking the database's lock.
+        """
         self.ensure_log(conn)
+        if db_name == "admin":
+            self._init_cluster(conn)
+        # A TEMP trigger lives in this connection only: other processes write
+        # the same files without it (and without the function it calls), and
+        # their rows are stamped by stamp_conn instead.
+        conn.create_function("nx_gseq", 0, lambda: self.next_gseq(db_name))
+        conn.execute(
+            f"CREATE TEMP TRIGGER IF NOT EXISTS {TRIGGER_PREFIX}gseq AFTER INSERT"
+            f" ON main.{LOG_TABLE} WHEN NEW.gseq IS NULL BEGIN"
+            f" UPDATE {LOG_TABLE} SET gseq = nx_gseq() WHERE seq = NEW.seq; END"
+        )
         names = [r[0] for r in conn.execute(
             "SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
         for name in names:
             self.install_triggers(conn, name)
+        # rows a crash left unstamped, or that another process wrote
+        self.stamp_conn(conn, db_name)
+        top = conn.execute(f"SELECT MAX(gseq) FROM {LOG_TABLE}").fetchone()[0] or 0
+        pruned = int(dict(conn.execute(f"SELECT k, v FROM {META_TABLE}").fetchall())
+                     .get("pruned_gseq") or 0)
+        self._learn(db_name, top, pruned)
+
+    def _init_cluster(self, conn) -> None:
+        rows = dict(conn.execute(f"SELECT k, v FROM {META_TABLE}").fetchall())
+        with self.gseq_lock:
+            # admin's own epoch names the data dir: a replaced (or dropped)
+            # admin.db makes older cluster tokens fail with 286
+            self.cluster_epoch = int(rows["epoch"])
+            if self.boot is None:
+                hwm = int(rows.get("gseq_hwm") or 0)
+                self.hwm_saved = hwm
+                self.last = max(self.last, hwm - 1, _now_gseq() - 1)
+                self.boot = self.last + 1
+
+    def _learn(self, db_name: str, top: int, pruned: int) -> None:
+        if db_name in NO_STREAM_DBS and db_name != "admin":
+            return
+        with self.gseq_lock:
+            if top > self.db_last.get(db_name, 0):
+                self.db_last[db_name] = top
+            self.lost = max(self.lost, pruned)
+
+    def next_gseq(self, db_name: str) -> int:
+        """The gseq of one new log row (called by SQLite, inside the write)."""
+        with self.gseq_lock:
+            g = self.last = max(self.last + 1, _now_gseq())
+            if db_name not in NO_STREAM_DBS or db_name == "admin":
+                self.db_last[db_name] = g
+        return g
+
+    def stamp_conn(self, conn, db_name: str) -> bool:
+        """Stamp rows that came without a gseq (another process, a crash).
+
+        The caller holds the database's lock, or the connection is not
+        published yet, so no stream reads this database between the
+        reservation and the UPDATE.
+        """
+        lo, hi = conn.execute(
+            f"SELECT MIN(seq), MAX(seq) FROM {LOG_TABLE} WHERE gseq IS NULL").fetchone()
+        if lo is None:
+            return False
+        with self.gseq_lock:
+            base = max(self.last + 1, _now_gseq())
+            self.last = base + hi - lo
+            if db_name not in NO_STREAM_DBS or db_name == "admin":
+                self.db_last[db_name] = self.last
+        conn.execute(f"UPDATE {LOG_TABLE} SET gseq = ? + seq WHERE gseq IS NULL AND seq <= ?",
+                     (base - lo, hi))
+        return True
+
+    def stamp(self, db_name: str) -> None:
+        """Before a write: rows another process wrote since get their gseq
+        first, so that gseq order stays seq order within a database."""
+        try:
+            with self.handler._lock_for(db_name):
+                conn = self._existing_conn(db_name)
+                if conn is not None:
+                    self.stamp_conn(conn, db_name)
+        except Exception:
+            log.debug("stamping %r skipped", db_name, exc_info=True)
+
+    def save_hwm(self) -> None:
+        """Persist a bound on the issued gseqs, so a restart never reissues one.
+
+        The clock alone would do unless it steps back across a restart; one
+        admin write per second of activity covers that.
+        """
+        with self.gseq_lock:
+            if self.last < self.hwm_saved:
+                return
+            new = self.last + HWM_AHEAD
+        try:
+            with self.handler._lock_for("admin"):
+                self._conn("admin").execute(
+                    f"INSERT OR REPLACE INTO {META_TABLE}(k, v) VALUES ('gseq_hwm', ?)", (new,))
+            with self.gseq_lock:
+                self.hwm_saved = max(self.hwm_saved, new)
+        except Exception:
+            log.debug("saving the gseq high-water mark failed", exc_info=True)
+
+    def _existing_conn(self, db_name: str):
+        """The database's connection, or None if it does not exist (a read
+        must not re-create a dropped database's file)."""
+        h = self.handler
+        if db_name not in h._conns and (
+                h._mode != "files" or not os.path.exists(h._db_file(db_name))):
+            return None  # (in memory mode every database stays in _conns)
+        return h.get_database(db_name).db
+
+    def _db_names(self) -> list[str]:
+        names = set(self.handler._conns)
+        if self.handler._mode == "files":
+            try:
+                names.update(e[:-3] for e in os.listdir(self.handler._data_dir)
+                             if e.endswith(".db"))
+            except OSError:
+                pass
+        return sorted(n for n in names if nx_handler._DB_NAME_RE.match(n)
+                      and (n not in NO_STREAM_DBS or n == "admin"))
+
+    def load_all(self) -> None:
+        """Learn every database file's highest and pruned gseq.
+
+        Needed once, by the first cluster stream that starts before this
+        process's first gseq: rows stamped by an earlier process are in files
+        this process may not have opened. Reads each file directly (no
+        trigger setup, no eviction of open connections).
+        """
+        if self.cold_loaded:
+            return
+        for name in self._db_names():
+            if name in self.handler._conns or self.handler._mode != "files":
+                continue  # setup_connection has reported it
+            path = self.handler._db_file(name)
+            try:
+                c = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro", uri=True,
+                                    timeout=5)
+            except sqlite3.Error:
+                continue
+            try:
+                cols = {r[1] for r in c.execute(
+                    f"SELECT * FROM pragma_table_info('{LOG_TABLE}')").fetchall()}
+                if not cols:
+                    continue
+                unstamped = "gseq" not in cols or c.execute(
+                    f"SELECT 1 FROM {LOG_TABLE} WHERE gseq IS NULL LIMIT 1").fetchone()
+                if not unstamped:
+                    top = c.execute(f"SELECT MAX(gseq) FROM {LOG_TABLE}").fetchone()[0] or 0
+                    row = c.execute(
+                        f"SELECT v FROM {META_TABLE} WHERE k = 'pruned_gseq'").fetchone()
+                    self._learn(name, top, int(row[0] or 0) if row else 0)
+            except sqlite3.Error:
+                unstamped = True
+            finally:
+                c.close()
+            if unstamped:  # opening it stamps and reports it
+                with self.handler._lock_for(name):
+                    self._conn(name)
+        self.cold_loaded = True
 
     @staticmethod
     def max_seq(conn) -> int:
@@ -553,28 +871,99 @@ class ChangeHub:
             self.gen += 1
             self.cond.notify_all()
 
-    def after_write(self, db_name) -> None:
+    def after_write(self, db_names) -> None:
+        """After a (possible) write: wake the streams, then prune."""
+        if isinstance(db_names, str):
+            db_names = (db_names,)
+        db_names = [d for d in db_names if isinstance(d, str)]
+        for db_name in db_names:
+            self.db_gen[db_name] = self.db_gen.get(db_name, 0) + 1
         self.notify()
-        if not isinstance(db_name, str):
-            return
-        n = self.write_counts.get(db_name, 0) + 1
-        self.write_counts[db_name] = n
-        if n % self.prune_every:
-            return
+        self.save_hwm()
+        for db_name in db_names:
+            n = self.write_counts.get(db_name, 0) + 1
+            self.write_counts[db_name] = n
+            if not n % self.prune_every:
+                self.prune(db_name)
+
+    def prune(self, db_name: str) -> None:
         try:
             with self.handler._lock_for(db_name):
-                conn = self._conn(db_name)
+                conn = self._existing_conn(db_name)
+                if conn is None:
+                    return
                 cut = self.max_seq(conn) - self.retention
                 _epoch, pruned = self.meta(conn)
                 if cut > pruned:
+                    # the highest gseq given up: cluster tokens below it are
+                    # refused (286), as MongoDB refuses tokens older than its oplog
+                    gone = conn.execute(f"SELECT MAX(gseq) FROM {LOG_TABLE} WHERE seq <= ?",
+                                        (cut,)).fetchone()[0] or 0
+                    conn.execute(f"UPDATE {META_TABLE} SET v = max(v, ?) "
+                                 "WHERE k = 'pruned_gseq'", (gone,))
                     conn.execute(f"DELETE FROM {LOG_TABLE} WHERE seq <= ?", (cut,))
                     conn.execute(f"UPDATE {META_TABLE} SET v = ? WHERE k = 'pruned'", (cut,))
+                    self._learn(db_name, 0, gone)
         except Exception:
             log.debug("prune skipped", exc_info=True)
 
+    def collections_of(self, db_name: str):
+        """Collection names of an existing database, None when it does not exist."""
+        try:
+            with self.handler._lock_for(db_name):
+                conn = self._existing_conn(db_name)
+                if conn is None:
+                    return None
+                names = [r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+                return [n for n in names if self._is_collection_table(conn, n)]
+        except Exception:
+            return None
+
+    def unread_rows(self, db_name: str) -> list[tuple]:
+        """Rows of a database about to be dropped that an open cluster stream
+        has not read yet (its file and log go with it)."""
+        with self.streams_lock:
+            marks = [s.watermark for s in self.streams.values() if s.cluster and not s.closed]
+        if not marks or db_name in NO_STREAM_DBS:
+            return []
+        try:
+            with self.handler._lock_for(db_name):
+                conn = self._existing_conn(db_name)
+                if conn is None:
+                    return []
+                return conn.execute(
+                    f"SELECT ?||'.'||coll, 'X'||op, ts, old_data, new_data, gseq FROM {LOG_TABLE}"
+                    " WHERE gseq > ? ORDER BY gseq", (db_name, min(marks))).fetchall()
+        except Exception:
+            log.debug("keeping the unread rows of %r failed", db_name, exc_info=True)
+            return []
+
+    def log_database_drop(self, db_name: str, colls: list[str], unread: list[tuple]) -> None:
+        """Record a dropped database for cluster streams in admin's log.
+
+        The database's own file (and log) is gone, so its unread rows (with
+        their gseq), a "drop" per collection and "dropDatabase" live on in
+        admin's log under op codes that start with X, which no trigger writes;
+        admin is never watched otherwise.
+        """
+        with self.gseq_lock:
+            self.db_last.pop(db_name, None)
+        if db_name in NO_STREAM_DBS:
+            return
+        with self.handler._lock_for("admin"):
+            conn = self._conn("admin")
+            self.ensure_log(conn)
+            conn.executemany(f"INSERT INTO {LOG_TABLE}(coll, op, ts, old_data, new_data, gseq)"
+                             " VALUES (?, ?, ?, ?, ?, ?)", unread)
+            conn.executemany(f"INSERT INTO {LOG_TABLE}(coll, op) VALUES (?, 'Xdrop')",
+                             [(f"{db_name}.{c}",) for c in colls])
+            conn.execute(f"INSERT INTO {LOG_TABLE}(coll, op) VALUES (?, 'XdropDatabase')",
+                         (db_name,))
+
     def database_dropped(self, db_name: str) -> None:
         with self.streams_lock:
-            streams = [s for s in self.streams.values() if s.db == db_name]
+            streams = [s for s in self.streams.values() if s.db == db_name and not s.cluster]
         for st in streams:
             if st.closed or st.pending:
                 continue
@@ -602,12 +991,19 @@ class ChangeHub:
         if not isinstance(opts, dict):
             return _error(40602, "Location40602",
                           "$changeStream must be the first stage of the pipeline")
-        if opts.get("allChangesForCluster"):
-            return _error(115, "CommandNotSupported",
-                          "cluster-level change streams (client.watch(), "
-                          "allChangesForCluster) are not supported by this test "
-                          "store; watch a database or a collection")
-        if db_name in NO_STREAM_DBS:
+        cluster = bool(opts.get("allChangesForCluster"))
+        if cluster:
+            if db_name != "admin" or target != 1 or isinstance(target, bool):
+                return _error(73, "InvalidNamespace",
+                              "$changeStream with allChangesForCluster: true must be run "
+                              "on the 'admin' database with {aggregate: 1}")
+            if self.refuse_cluster:
+                # what mongod tells a user who may read the tenant databases only
+                shown = {k: v for k, v in body.items() if k not in ("lsid", "$clusterTime")}
+                return {"ok": 0, "code": 13, "codeName": "Unauthorized",
+                        "errmsg": "not authorized on admin to execute command "
+                                  + _shell(shown)}
+        elif db_name in NO_STREAM_DBS:
             return _error(73, "InvalidNamespace",
                           f"$changeStream may not be opened on the internal {db_name} database")
         if isinstance(target, str) and target:
@@ -638,6 +1034,14 @@ class ChangeHub:
                 return _error(115, "CommandNotSupported", err)
             matches.append(stage["$match"])
 
+        if cluster:
+            resolved = self._cluster_start(tokens)
+            if isinstance(resolved, dict):
+                return resolved
+            epoch, watermark = resolved
+            return self._register(Stream(None, "admin", None, matches, full_doc, before,
+                                         epoch, watermark, owner, cluster=True))
+
         with self.handler._lock_for(db_name):
             conn = self._conn(db_name)
             self.ensure_log(conn)
@@ -647,6 +1051,22 @@ class ChangeHub:
             token = resume if resume is not None else start_after
             if token is not None:
                 parsed = parse_token(token)
+                if parsed is None and parse_cluster_token(token) is not None:
+                    # a cluster token names a global position: resume this
+                    # database after its last row at or before it
+                    c_epoch, gseq = parse_cluster_token(token)
+                    pruned_g = int(dict(conn.execute(
+                        f"SELECT k, v FROM {META_TABLE}").fetchall()).get("pruned_gseq") or 0)
+                    if c_epoch != self.cluster_epoch or gseq > self.last:
+                        return _error(286, "ChangeStreamHistoryLost",
+                                      "resume token belongs to another change log "
+                                      "(data dir replaced)")
+                    if gseq < pruned_g:
+                        return _error(286, "ChangeStreamHistoryLost",
+                                      "resume point is older than the retained change history")
+                    row = conn.execute(f"SELECT MAX(seq) FROM {LOG_TABLE} WHERE gseq <= ?",
+                                       (gseq,)).fetchone()
+                    parsed = (epoch, max(pruned, row[0] or 0))
                 if parsed is None:
                     return _error(260, "InvalidResumeToken",
                                   f"resume token {token!r} was not issued by this store")
@@ -671,20 +1091,59 @@ class ChangeHub:
             else:
                 watermark = head
 
+        return self._register(Stream(None, db_name, coll, matches, full_doc, before, epoch,
+                                     watermark, owner))
+
+    def _register(self, st: Stream) -> dict:
         self._reap_idle()
-        cid = random.getrandbits(61) | (1 << 61)
-        st = Stream(cid, db_name, coll, matches, full_doc, before, epoch, watermark, owner)
+        st.id = random.getrandbits(61) | (1 << 61)
         with self.streams_lock:
-            self.streams[cid] = st
+            self.streams[st.id] = st
         return {
             "ok": 1,
             "cursor": {
-                "id": Int64(cid),
+                "id": Int64(st.id),
                 "ns": st.ns,
                 "firstBatch": [],
-                "postBatchResumeToken": make_token(epoch, watermark),
+                "postBatchResumeToken": st.token(st.watermark),
             },
         }
+
+    def _cluster_start(self, tokens):
+        """(epoch, starting gseq) of a new cluster stream, or an error reply."""
+        resume, start_after, at_time = tokens
+        token = resume if resume is not None else start_after
+        with self.gseq_lock:
+            epoch, last = self.cluster_epoch, self.last
+        if token is not None:
+            parsed = parse_cluster_token(token)
+            if parsed is None:
+                if parse_token(token) is not None:
+                    return _error(286, "ChangeStreamHistoryLost",
+                                  "resume token is from a database or collection stream; "
+                                  "it cannot resume a cluster-level stream here")
+                return _error(260, "InvalidResumeToken",
+                              f"resume token {token!r} was not issued by this store")
+            tok_epoch, watermark = parsed
+            if tok_epoch != epoch or watermark > last:
+                return _error(286, "ChangeStreamHistoryLost",
+                              "resume token belongs to another change log "
+                              "(data dir replaced)")
+        elif at_time is not None:
+            if not isinstance(at_time, Timestamp):
+                return _error(9, "FailedToParse", "startAtOperationTime must be a Timestamp")
+            # clusterTime is gseq re-encoded, so the mapping is exact
+            watermark = at_time.time * GSEQ_PER_SEC + min(at_time.inc, GSEQ_PER_SEC - 1) - 1
+        else:
+            return epoch, last
+        if watermark + 1 < self.boot:
+            self.load_all()
+        with self.gseq_lock:
+            lost = self.lost
+        if watermark < lost:
+            return _error(286, "ChangeStreamHistoryLost",
+                          "resume point is older than the retained change history")
+        return epoch, watermark
 
     def get_stream(self, cid):
         with self.streams_lock:
@@ -706,8 +1165,10 @@ class ChangeHub:
             self.close_stream(cid)
 
     def busy(self, db_name: str) -> bool:
+        # cluster streams pin no connection: with 1,000 databases they would
+        # keep every file open past nx-27017's cap of 100
         with self.streams_lock:
-            return any(s.db == db_name for s in self.streams.values())
+            return any(s.db == db_name and not s.cluster for s in self.streams.values())
 
     def _reap_idle(self) -> None:
         limit = time.monotonic() - IDLE_STREAM_SECONDS
@@ -729,11 +1190,23 @@ class ChangeHub:
             limit = DEFAULT_GETMORE_BATCH
         limit = limit if limit > 0 else DEFAULT_GETMORE_BATCH
         deadline = time.monotonic() + wait_s
+        first = True
         with st.lock:
             while True:
                 with self.cond:
                     gen = self.gen
-                events = self._pull(st, limit)
+                if st.cluster:
+                    events = self._pull_cluster(st, limit)
+                else:
+                    # a wake-up for another database's write costs no query; the
+                    # first pull of every getMore still looks (other processes)
+                    db_gen = self.db_gen.get(st.db, 0)
+                    if first or st.pending or st.closed or db_gen != st.seen_gen:
+                        st.seen_gen = db_gen
+                        events = self._pull(st, limit)
+                    else:
+                        events = []
+                first = False
                 if events or st.closed:
                     break
                 remaining = deadline - time.monotonic()
@@ -752,7 +1225,7 @@ class ChangeHub:
                     "id": Int64(0 if st.closed else st.id),
                     "ns": st.ns,
                     "nextBatch": events,
-                    "postBatchResumeToken": make_token(st.epoch, st.watermark),
+                    "postBatchResumeToken": st.token(st.watermark),
                 },
             }
 
@@ -785,7 +1258,7 @@ class ChangeHub:
                 rows = conn.execute(sql + " ORDER BY seq LIMIT ?", params + (chunk,)).fetchall()
             for row in rows:
                 seq, coll, op, ts, old, new = row
-                produced = self._events_for(st, seq, coll, op, ts, old, new)
+                produced = self._events_for(st, st.db, seq, coll, op, ts, old, new)
                 st.watermark = seq
                 for ev in produced:
                     ev = to_bson(ev)
@@ -798,10 +1271,81 @@ class ChangeHub:
             if events or len(rows) < chunk or time.monotonic() - started > 0.2:
                 return events
 
-    def _lookup(self, st: Stream, coll: str, doc_id):
+    def _pull_cluster(self, st: Stream, limit: int) -> list[dict]:
+        """Merge the logs of the databases written since the watermark, in gseq order.
+
+        Only databases whose highest gseq is above the watermark are queried,
+        so a wake-up after a write to one database costs one query however
+        many databases exist.
+        """
+        if st.closed:
+            return []
+        events: list[dict] = []
+        budget = BATCH_BYTES_BUDGET
+        chunk = min(max(limit, 256), 2000)
+        started = time.monotonic()
+        while True:
+            with self.gseq_lock:
+                horizon = self.last
+                dbs = sorted(d for d, g in self.db_last.items() if g > st.watermark)
+            if horizon <= st.watermark:
+                return events
+            rows: list[tuple] = []
+            bound = horizon
+            for db in dbs:
+                got = self._cluster_rows(db, st.watermark, horizon, chunk)
+                if len(got) >= chunk:
+                    # this database may hold more rows below the others' next ones
+                    bound = min(bound, got[-1][0])
+                rows.extend(got)
+            rows.sort(key=lambda r: r[0])
+            for row in rows:
+                gseq, db, coll, op, ts, old, new = row
+                if gseq > bound:
+                    break
+                if op == "XdropDatabase":
+                    produced = [{"_id": st.token(gseq), "operationType": "dropDatabase",
+                                 "clusterTime": _gseq_time(gseq), "wallTime": _wall(int(ts)),
+                                 "ns": {"db": coll}}]
+                elif op.startswith("X"):  # a dropped database's row, kept in admin
+                    db, _, coll = coll.partition(".")
+                    produced = self._events_for(st, db, gseq, coll, op[1:], ts, old, new)
+                else:
+                    produced = self._events_for(st, db, gseq, coll, op, ts, old, new)
+                st.watermark = gseq
+                for ev in produced:
+                    ev = to_bson(ev)
+                    if all(match_event(ev, m) for m in st.matches):
+                        events.append(ev)
+                budget -= len(old or "") + len(new or "")
+                if len(events) >= limit or budget <= 0:
+                    return events
+            st.watermark = max(st.watermark, bound)
+            if events or bound >= horizon or time.monotonic() - started > 0.2:
+                return events
+
+    def _cluster_rows(self, db: str, after: int, upto: int, chunk: int) -> list[tuple]:
+        with self.handler._lock_for(db):
+            conn = self._existing_conn(db)
+            if conn is None:
+                return []
+            sql = (
+                "SELECT gseq, ?, coll, op, ts,"
+                " CASE WHEN typeof(old_data) = 'blob' THEN json(old_data) ELSE old_data END,"
+                " CASE WHEN typeof(new_data) = 'blob' THEN json(new_data) ELSE new_data END"
+                f" FROM {LOG_TABLE} WHERE gseq > ? AND gseq <= ?"
+            )
+            if db == "admin":  # only the records of dropped databases
+                sql += " AND op GLOB 'X*'"
+            return conn.execute(sql + " ORDER BY gseq LIMIT ?",
+                                (db, after, upto, chunk)).fetchall()
+
+    def _lookup(self, st: Stream, db: str, coll: str, doc_id):
         try:
-            with self.handler._lock_for(st.db):
-                conn = self._conn(st.db)
+            with self.handler._lock_for(db):
+                conn = self._existing_conn(db)
+                if conn is None:
+                    return None
                 row = conn.execute(
                     f"SELECT CASE WHEN typeof(data) = 'blob' THEN json(data) ELSE data END "
                     f"FROM {_qident(coll)} WHERE _id = ?",
@@ -816,20 +1360,20 @@ class ChangeHub:
             return None
         return doc
 
-    def _events_for(self, st: Stream, seq, coll, op, ts, old, new) -> list[dict]:
+    def _events_for(self, st: Stream, db, seq, coll, op, ts, old, new) -> list[dict]:
         head = {
-            "_id": make_token(st.epoch, seq),
+            "_id": st.token(seq),
             "operationType": None,
-            "clusterTime": Timestamp(int(ts) // 1000, seq & 0xFFFFFFFF),
+            "clusterTime": st.cluster_time(seq, ts),
             "wallTime": _wall(int(ts)),
         }
-        ns = {"db": st.db, "coll": coll}
+        ns = {"db": db, "coll": coll}
         if op == "drop":
             ev = dict(head, operationType="drop", ns=ns)
             if st.coll is None:
                 return [ev]
             st.closed = True
-            inval = {"_id": make_token(st.epoch, seq, True), "operationType": "invalidate",
+            inval = {"_id": st.token(seq, True), "operationType": "invalidate",
                      "clusterTime": head["clusterTime"], "wallTime": head["wallTime"]}
             return [ev, inval]
         old_doc = _loads(old)
@@ -866,7 +1410,7 @@ class ChangeHub:
                                              "removedFields": removed,
                                              "truncatedArrays": []})
                 if st.full_doc == "updateLookup":
-                    ev["fullDocument"] = self._lookup(st, coll, key["_id"])
+                    ev["fullDocument"] = self._lookup(st, db, coll, key["_id"])
                 elif st.full_doc in ("whenAvailable", "required"):
                     ev["fullDocument"] = new_doc
             if st.before != "off":
@@ -899,6 +1443,37 @@ def _body_of(msg):
         if kind == "body" and isinstance(doc, dict):
             return doc
     return None
+
+
+def _written_dbs(msg, body: dict, name: str, db_name: str) -> list[str]:
+    """The databases a command may write: its own, plus the targets of a
+    client bulkWrite (run on admin) and of $out/$merge into another database."""
+    dbs = [db_name]
+    if name == "bulkWrite":
+        infos = list(body.get("nsInfo") or [])
+        for kind, doc in msg.get("sections", ()):
+            if kind == "payload" and isinstance(doc, dict):
+                infos.extend(doc.get("nsInfo") or [])
+        for info in infos:
+            if isinstance(info, dict) and isinstance(info.get("ns"), str):
+                dbs.append(info["ns"].partition(".")[0])
+    elif name == "aggregate":
+        for stage in body.get("pipeline") or []:
+            if not isinstance(stage, dict):
+                continue
+            target = stage.get("$out", stage.get("$merge"))
+            if isinstance(target, dict):
+                target = target.get("into", target)
+            if isinstance(target, dict) and isinstance(target.get("db"), str):
+                dbs.append(target["db"])
+    return list(dict.fromkeys(dbs))
+
+
+def _writes(name: str, body: dict) -> bool:
+    if name == "aggregate":
+        return any(isinstance(s, dict) and ("$out" in s or "$merge" in s)
+                   for s in body.get("pipeline") or [])
+    return name not in READ_ONLY_COMMANDS
 
 
 def install_patches(hub: ChangeHub) -> None:
@@ -947,7 +1522,7 @@ def install_patches(hub: ChangeHub) -> None:
 
     def _open_db_conn(self, db_name):
         conn = orig_open(self, db_name)
-        hub.setup_connection(conn.db)
+        hub.setup_connection(conn.db, db_name)
         return conn
 
     H._open_db_conn = _open_db_conn
@@ -1026,7 +1601,9 @@ def install_patches(hub: ChangeHub) -> None:
     def handle_insert(self, msg):
         body = _body_of(msg) or {}
         db_name = body.get("$db", "test")  # read first: handle_insert pops "$db"
-        result = orig_insert(self, msg)
+        with self._lock_for(db_name):
+            hub.stamp(db_name)
+            result = orig_insert(self, msg)
         hub.after_write(db_name)
         return result
 
@@ -1085,6 +1662,7 @@ def install_patches(hub: ChangeHub) -> None:
         if name == "drop":
             coll = body.get("drop")
             with self._lock_for(db_name):
+                hub.stamp(db_name)
                 conn = hub._conn(db_name)
                 existed = isinstance(coll, str) and conn.execute(
                     "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (coll,)
@@ -1096,16 +1674,31 @@ def install_patches(hub: ChangeHub) -> None:
             return result
 
         if name in ("dropDatabase", "dropdatabase"):
+            target = body.get(name)
+            dropping = db_name if target in (1, True, None, "") else str(target)
             with self._lock_for(db_name):
+                colls = hub.collections_of(dropping)
+                if colls is not None:
+                    hub.stamp(dropping)
+                unread = hub.unread_rows(dropping) if colls is not None else []
                 result = orig_command(self, msg)
                 if result[1].get("ok") == 1:
-                    hub.database_dropped(result[1].get("dropped", db_name))
-            hub.notify()
+                    dropped = result[1].get("dropped", db_name)
+                    hub.database_dropped(dropped)
+                    if colls is not None:
+                        hub.log_database_drop(dropped, colls, unread)
+            hub.after_write("admin")
             return result
 
-        result = orig_command(self, msg)
-        if name in WRITE_COMMANDS:
-            hub.after_write(db_name)
+        if not (name in WRITE_COMMANDS or _writes(name, body)):
+            return orig_command(self, msg)
+        dbs = _written_dbs(msg, body, name, db_name)
+        for other in dbs[1:]:
+            hub.stamp(other)
+        with self._lock_for(db_name):
+            hub.stamp(db_name)
+            result = orig_command(self, msg)
+        hub.after_write(dbs)
         return result
 
     H.handle_command = handle_command
@@ -1138,6 +1731,10 @@ def parse_args(argv=None):
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--changelog-retention", type=int, default=100_000,
                    help="change-log rows kept per database for resuming (default 100000)")
+    p.add_argument("--refuse-cluster-streams", action="store_true",
+                   help="answer cluster-level change streams (client.watch()) with "
+                        "13 Unauthorized, as mongod does for a user who may read the "
+                        "tenant databases only")
     return p.parse_args(argv)
 
 
@@ -1169,7 +1766,7 @@ def main(argv=None) -> int:
     if args.fts5_tokenizers:
         tokenizers = [tuple(t.split("=", 1)) for t in args.fts5_tokenizers]
 
-    hub = ChangeHub(args.changelog_retention)
+    hub = ChangeHub(args.changelog_retention, args.refuse_cluster_streams)
     install_patches(hub)
     handler = nx_handler.NeoSQLiteHandler(
         ":memory:",
