@@ -26,16 +26,12 @@ const FEED_QUEUE: usize = 16;
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(3500);
 const CLIENT_SHUTDOWN_GRACE: Duration = Duration::from_millis(1000);
 
-pub async fn run(settings: Settings, env: HashMap<String, String>) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    specs: Vec<TenantSpec>,
+    env: HashMap<String, String>,
+) -> anyhow::Result<()> {
     let metrics = nsbridge::telemetry::init_metrics().context("installing the metrics recorder")?;
-    let specs = match &settings.tenants {
-        None => vec![TenantSpec::single(&settings)],
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the tenants file {}", path.display()))?;
-            nsbridge::tenants::parse(&text, &settings, &nsbridge::tenants::System(&env))?
-        }
-    };
     let (client, mongo_reachable) = nsbridge::mongo::connect(&settings.mongo.uri)
         .await
         .with_context(|| format!("MongoDB URI {}", redact_uri(&settings.mongo.uri)))?;

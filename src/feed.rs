@@ -209,6 +209,10 @@ impl Feed {
             };
             let stream = match opened {
                 Ok(stream) => {
+                    // Where this stream began, should it be reopened before its first event.
+                    if let (Start::Now, Some(token)) = (&self.start, stream.resume_token()) {
+                        self.start = Start::Resume(token);
+                    }
                     tracing::info!(
                         scope = %self.describe(),
                         databases = self.mappers.len(),
@@ -331,27 +335,19 @@ impl Feed {
         shutdown: &CancellationToken,
     ) -> StreamEnd {
         loop {
+            // Routes no one can change any more are not watched (a closed watch would win
+            // every select).
+            if self.routes.has_changed().is_err() {
+                self.routes_fixed = true;
+            }
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return StreamEnd::Shutdown,
-                changed = self.routes.changed(), if !self.routes_fixed => {
-                    if changed.is_err() {
-                        // No one will change them any more.
-                        self.routes_fixed = true;
-                        continue;
-                    }
-                    let before: Vec<String> = self.mappers.keys().cloned().collect();
+                _ = self.routes.changed(), if !self.routes_fixed => {
+                    // A read cut short leaves the driver's stream unusable: reopen it where
+                    // the last event left it, with the databases and mappers as they are now.
                     self.follow_routes();
-                    let databases_changed = before.len() != self.mappers.len()
-                        || before.iter().any(|db| !self.mappers.contains_key(db));
-                    if self.scope == Scope::Deployment && databases_changed {
-                        // The stream's filter names the databases: reopen it where it is.
-                        if let Some(token) = stream.resume_token() {
-                            self.start = Start::Resume(token);
-                        }
-                        tracing::info!(databases = self.mappers.len(), "sites changed; reopening the change stream for them");
-                        return StreamEnd::Reopen;
-                    }
-                    continue;
+                    tracing::info!(databases = self.mappers.len(), "sites changed; reopening the change stream for them");
+                    return StreamEnd::Reopen;
                 }
                 next = stream.next() => next,
             };

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use nsbridge::settings::Settings;
+use nsbridge::tenants::TenantSpec;
 
 mod app;
 
@@ -66,8 +67,15 @@ fn main() -> ExitCode {
                 Ok(settings) => settings,
                 Err(e) => return bad_config(e),
             };
+            let specs = match sites_of(&settings, &env) {
+                Ok(specs) => specs,
+                Err(e) => {
+                    eprintln!("nsbridge: bad configuration: {e}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
             nsbridge::telemetry::init_logging(&settings.log);
-            match run(settings, env) {
+            match run(settings, specs, env) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
@@ -78,6 +86,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// The sites to serve: the tenants file's, read and validated, or the one of the settings.
+fn sites_of(settings: &Settings, env: &HashMap<String, String>) -> Result<Vec<TenantSpec>, String> {
+    let Some(path) = &settings.tenants else {
+        return Ok(vec![TenantSpec::single(settings)]);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("tenants file {}: {e}", path.display()))?;
+    nsbridge::tenants::parse(&text, settings, &nsbridge::tenants::System(env)).map_err(|e| e.to_string())
+}
+
 /// The tenants file, when the settings name one: read and validated, and its sites listed
 /// (without their secrets).
 fn check_tenants(config: Option<&std::path::Path>, env: &HashMap<String, String>) -> Result<(), String> {
@@ -85,9 +102,7 @@ fn check_tenants(config: Option<&std::path::Path>, env: &HashMap<String, String>
     let Some(path) = &settings.tenants else {
         return Ok(());
     };
-    let text = std::fs::read_to_string(path).map_err(|e| format!("tenants file {}: {e}", path.display()))?;
-    let tenants = nsbridge::tenants::parse(&text, &settings, &nsbridge::tenants::System(env))
-        .map_err(|e| e.to_string())?;
+    let tenants = sites_of(&settings, env)?;
     println!("\n# {} tenants in {}", tenants.len(), path.display());
     for tenant in tenants {
         println!(
@@ -144,7 +159,7 @@ fn ready(target: SocketAddr, prefix: &str) -> std::io::Result<bool> {
     Ok(status_line.split_whitespace().nth(1) == Some("200"))
 }
 
-fn run(settings: Settings, env: HashMap<String, String>) -> anyhow::Result<()> {
+fn run(settings: Settings, specs: Vec<TenantSpec>, env: HashMap<String, String>) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(app::run(settings, env))
+    runtime.block_on(app::run(settings, specs, env))
 }

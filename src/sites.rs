@@ -373,7 +373,7 @@ impl Sites {
                             tracing::info!(file = %path.display(), tenants = count, "tenants file applied");
                         }
                         Err(e) => {
-                            metrics::counter!(metric::TENANTS_RELOADS, "outcome" => "invalid").increment(1);
+                            metrics::counter!(metric::TENANTS_RELOADS, "outcome" => "partial").increment(1);
                             tracing::error!(error = %format!("{e:#}"), "tenants file applied in part");
                         }
                     }

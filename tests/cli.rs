@@ -127,3 +127,58 @@ fn config_file_from_flag_or_env() {
     let out = nsbridge(&["--config", "/nonexistent.toml", "check-config"], &env);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_tenants_file_is_checked_and_its_problems_name_the_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tenants.toml");
+    let path = file.to_str().unwrap();
+    let env = [
+        ("MONGODB_URI", "mongodb://db.example:27017/?replicaSet=rs0"),
+        ("NSBRIDGE_TENANTS", path),
+        ("ALICE_SECRET", "alice's long pass phrase"),
+    ];
+    let alice = "[[tenant]]\nname = \"alice\"\nhosts = [\"alice.example.org\"]\ndatabase = \"ns_alice\"\napi_secret_env = \"ALICE_SECRET\"\n";
+    std::fs::write(&file, alice).unwrap();
+    let out = nsbridge(&["check-config"], &env);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("# alice: database ns_alice, hosts alice.example.org"),
+        "{text}"
+    );
+    assert!(!text.contains("alice's long pass phrase"), "{text}");
+
+    let cases = [
+        (
+            format!("{alice}\n[[tenant]]\nname = \"bob\"\nhosts = [\"ALICE.example.org\"]\ndatabase = \"ns_bob\"\napi_secret = \"bob's long pass phrase\"\n"),
+            "tenants file: tenant \"bob\": host \"alice.example.org\" is also tenant \"alice\"'s",
+        ),
+        (
+            "[[tenant]]\nname = \"carol\"\nhosts = [\"c.example.org\"]\ndatabase = \"ns_c\"\napi_secret_env = \"CAROL_SECRET\"\n".to_string(),
+            "tenants file: tenant \"carol\": api_secret_env names \"CAROL_SECRET\", which is not set",
+        ),
+        (
+            format!("{alice}port = 1\n"),
+            "tenants file: tenant \"alice\": unknown field `port`",
+        ),
+    ];
+    for (text, expected) in cases {
+        std::fs::write(&file, &text).unwrap();
+        for args in [&["check-config"][..], &["run"][..]] {
+            let out = nsbridge(args, &env);
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.starts_with(&format!("nsbridge: bad configuration: {expected}")),
+                "{args:?}: {stderr}"
+            );
+            assert!(!stderr.contains("pass phrase"), "{stderr}");
+        }
+    }
+}

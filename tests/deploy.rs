@@ -8,6 +8,10 @@ use yaml_rust2::{Yaml, YamlLoader};
 const SECRET: &str = "compose-test-secret-123";
 
 fn compose_config(api_secret: Option<&str>) -> Output {
+    compose_config_with(api_secret, &[])
+}
+
+fn compose_config_with(api_secret: Option<&str>, profiles: &[&str]) -> Output {
     let repo = env!("CARGO_MANIFEST_DIR");
     // An empty env file, so that a developer's own .env cannot change the outcome.
     let empty = tempfile::NamedTempFile::new().unwrap();
@@ -17,7 +21,11 @@ fn compose_config(api_secret: Option<&str>) -> Output {
         .env_remove("API_SECRET")
         .arg("--env-file")
         .arg(empty.path())
-        .args(["-f", "docker-compose.yml", "config"]);
+        .args(["-f", "docker-compose.yml"]);
+    for profile in profiles {
+        command.args(["--profile", profile]);
+    }
+    command.arg("config");
     if let Some(secret) = api_secret {
         command.env("API_SECRET", secret);
     }
@@ -60,7 +68,14 @@ fn compose_stack_wires_mongo_nightscout_and_the_bridge() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let config = &YamlLoader::load_from_str(&String::from_utf8(out.stdout).unwrap()).unwrap()[0];
     let services = &config["services"];
-    let mut names: Vec<String> = services.as_hash().unwrap().keys().map(text).collect();
+    // The services started by default (docker-compose 1.x lists the profiles' too).
+    let mut names: Vec<String> = services
+        .as_hash()
+        .unwrap()
+        .iter()
+        .filter(|(_, service)| service["profiles"].is_badvalue())
+        .map(|(name, _)| text(name))
+        .collect();
     names.sort();
     assert_eq!(names, ["mongo", "nightscout", "nsbridge"]);
 
@@ -218,5 +233,58 @@ fn dockerfile_runs_as_non_root_with_the_binary_as_health_check() {
             copied.contains(&top),
             "{name} ({path}) is not copied before the first build"
         );
+    }
+}
+
+#[test]
+fn the_replicas_profile_puts_nginx_in_front_of_two_bridges() {
+    let out = compose_config_with(Some(SECRET), &["replicas"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let config = &YamlLoader::load_from_str(&String::from_utf8(out.stdout).unwrap()).unwrap()[0];
+    let services = &config["services"];
+    let (first, second, nginx) = (&services["nsbridge"], &services["nsbridge-2"], &services["nginx"]);
+    // The same site, the same database and secret; the second reached through nginx only.
+    for key in [
+        "MONGO_CONNECTION",
+        "API_SECRET",
+        "NSBRIDGE_UPSTREAM",
+        "NSBRIDGE_LISTEN",
+    ] {
+        assert_eq!(
+            text(&second["environment"][key]),
+            text(&first["environment"][key]),
+            "{key}"
+        );
+    }
+    assert_eq!(
+        text(&second["environment"]["NSBRIDGE_AUTH__TRUSTED_PROXY"]),
+        "true"
+    );
+    assert!(
+        second["ports"].is_badvalue(),
+        "the second bridge is not published"
+    );
+    assert_eq!(targets(&nginx["ports"]), ["80"]);
+    let mounts = strings(&nginx["volumes"]);
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.ends_with("deploy/nginx/replicas.conf:/etc/nginx/conf.d/default.conf:ro")),
+        "{mounts:?}"
+    );
+    // nginx balances over exactly these services, sticky by client address.
+    let conf =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx/replicas.conf")).unwrap();
+    let servers: Vec<&str> = conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("server "))
+        .filter(|l| !l.starts_with('{'))
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
+    assert_eq!(servers, ["nsbridge", "nsbridge-2"]);
+    assert!(conf.contains("hash $remote_addr consistent;"));
+    // Without the profile, neither is started.
+    for service in [second, nginx] {
+        assert_eq!(strings(&service["profiles"]), ["replicas"]);
     }
 }

@@ -632,3 +632,121 @@ fn auth_documents() {
         },
     );
 }
+
+const TENANT_KEYS: &[&str] = &[
+    "name",
+    "hosts",
+    "database",
+    "api_secret",
+    "api_secret_env",
+    "api_secret_file",
+    "mongodb_uri",
+    "relay",
+    "auth_default_roles",
+    "upstream",
+    "unknown",
+];
+
+fn tenant_value(rng: &mut Rng, key: &str) -> String {
+    if rng.bool() {
+        return toml_value(rng);
+    }
+    match key {
+        "name" => format!("\"{}\"", ["alice", "bob", "", "Alice", "a b"][rng.usize(..5)]),
+        "hosts" => [
+            "[\"alice.example.org\"]",
+            "[]",
+            "[\"a.example.org:8080\", \"A.EXAMPLE.ORG\"]",
+            "[\"x/y\"]",
+        ][rng.usize(..4)]
+        .into(),
+        "database" => ["\"ns_alice\"", "\"ns.alice\"", "\"\"", "\"ns_bob\""][rng.usize(..4)].into(),
+        "api_secret" => format!("\"{SECRET}\""),
+        "api_secret_env" => ["\"ALICE_API_SECRET\"", "\"UNSET\"", "\"SHORT\""][rng.usize(..3)].into(),
+        "api_secret_file" => ["\"/run/secrets/alice\"", "\"/missing\""][rng.usize(..2)].into(),
+        "mongodb_uri" => {
+            ["\"mongodb://db2/ns\"", "\"http://x\"", "\"mongodb://u:pw@h/\""][rng.usize(..3)].into()
+        }
+        "relay" => ["\"apiv3\"", "\"all\"", "\"some\""][rng.usize(..3)].into(),
+        "upstream" => ["\"http://nightscout:1337\"", "\"ftp://x\"", "\"\""][rng.usize(..3)].into(),
+        _ => toml_value(rng),
+    }
+}
+
+/// A secret the file names but does not hold: no message may show it. (An error may quote
+/// what the file itself says, as a bad host name: the operator wrote it.)
+const SECRET_OUTSIDE_FILE: &str = "secret from the environment";
+
+/// Secrets from a fixed table: the file system is not the fuzzer's to read.
+struct FuzzSecrets;
+
+impl nsbridge::tenants::SecretSource for FuzzSecrets {
+    fn env(&self, name: &str) -> Option<String> {
+        match name {
+            "ALICE_API_SECRET" => Some(SECRET_OUTSIDE_FILE.into()),
+            "SHORT" => Some("short".into()),
+            _ => None,
+        }
+    }
+
+    fn file(&self, path: &std::path::Path) -> std::io::Result<String> {
+        if path == std::path::Path::new("/run/secrets/alice") {
+            Ok(format!("{SECRET_OUTSIDE_FILE}\n"))
+        } else {
+            Err(std::io::ErrorKind::NotFound.into())
+        }
+    }
+}
+
+/// The tenants file: every problem is one line naming its tenant, and no secret shows.
+#[test]
+fn tenants_file() {
+    static SETTINGS: std::sync::LazyLock<Settings> = std::sync::LazyLock::new(|| {
+        let env = HashMap::from([
+            ("MONGODB_URI".to_string(), "mongodb://localhost/ns".to_string()),
+            ("API_SECRET".to_string(), SECRET.to_string()),
+        ]);
+        Settings::load(None, &env).unwrap()
+    });
+    fuzz(
+        "tenants_file",
+        |rng| {
+            let mut file = String::new();
+            for _ in 0..rng.usize(0..4) {
+                file.push_str(if rng.u8(..16) == 0 {
+                    "[tenant]\n"
+                } else {
+                    "[[tenant]]\n"
+                });
+                for _ in 0..rng.usize(0..9) {
+                    let key = TENANT_KEYS[rng.usize(..TENANT_KEYS.len())];
+                    file.push_str(&format!("{key} = {}\n", tenant_value(rng, key)));
+                }
+            }
+            file.into_bytes()
+        },
+        |input| {
+            let Ok(text) = std::str::from_utf8(input) else {
+                return;
+            };
+            match nsbridge::tenants::parse(text, &SETTINGS, &FuzzSecrets) {
+                Ok(tenants) => {
+                    let shown = format!("{tenants:?}");
+                    assert!(
+                        !shown.contains(SECRET) && !shown.contains(SECRET_OUTSIDE_FILE),
+                        "{shown}"
+                    );
+                    assert!(
+                        !shown.contains(":pw@"),
+                        "a password in mongodb_uri shows: {shown}"
+                    );
+                }
+                Err(e) => {
+                    let shown = e.to_string();
+                    assert!(!shown.contains('\n'), "one line: {shown}");
+                    assert!(!shown.contains(SECRET_OUTSIDE_FILE), "{shown}");
+                }
+            }
+        },
+    );
+}

@@ -38,6 +38,33 @@ impl WsSubscriber {
         WsSubscriber::subscribe(ws, token, collections, &format!(r#","since":{since}"#)).await
     }
 
+    /// Connects to `/storage` on 127.0.0.1:`port` with `host` as its Host header (the site
+    /// it is for) and subscribes; `Err` carries the refusal (the ack, or the HTTP answer).
+    pub async fn connect_host(
+        port: u16,
+        host: &str,
+        token: &str,
+        collections: &[&str],
+    ) -> Result<(WsSubscriber, String), String> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("ws://127.0.0.1:{port}/socket.io/?EIO=4&transport=websocket");
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        request
+            .headers_mut()
+            .insert("host", host.parse().map_err(|_| format!("bad host {host}"))?);
+        let (ws, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(response) => format!(
+                    "HTTP {}: {}",
+                    response.status().as_u16(),
+                    String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                ),
+                e => format!("connect: {e}"),
+            })?;
+        WsSubscriber::subscribe(ws, token, collections, "").await
+    }
+
     /// Subscribes with `extra` fields in the payload (`,"key":value`).
     async fn subscribe(
         mut ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -67,7 +94,7 @@ impl WsSubscriber {
                 return if ack.contains(r#""success":true"#) {
                     Ok((WsSubscriber { ws }, ack.to_string()))
                 } else {
-                    Err(format!("subscribe refused: {ack}"))
+                    Err(ack.to_string())
                 };
             }
         }
