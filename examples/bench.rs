@@ -29,6 +29,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 
+mod common;
+use common::{bucket_quantile, histogram_buckets, histogram_delta, process_cpu_ns};
+
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]
 mod http;
@@ -338,15 +341,7 @@ impl Server {
         match (self.kind, since) {
             (ServerKind::Nsbridge, OwnShare::Histograms { fanout, delivery }) => {
                 let quantiles = |before: &[(f64, f64)], after: Vec<(f64, f64)>| {
-                    let delta: Vec<(f64, f64)> = after
-                        .iter()
-                        .map(|(le, count)| {
-                            (
-                                *le,
-                                count - before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c),
-                            )
-                        })
-                        .collect();
+                    let delta = histogram_delta(before, &after);
                     (
                         bucket_quantile(&delta, 0.5) * 1000.0,
                         bucket_quantile(&delta, 0.99) * 1000.0,
@@ -396,60 +391,10 @@ enum OwnShare {
 const FANOUT: &str = "nsbridge_fanout_duration_seconds";
 const DELIVERY: &str = "nsbridge_delivery_duration_seconds";
 
-/// CPU time of every thread of a process, from the scheduler (nanoseconds).
-fn process_cpu_ns(pid: u32) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
 /// The cumulative buckets of histogram `name` on the bridge's /metrics.
 async fn buckets(port: u16, name: &str) -> Vec<(f64, f64)> {
     let (_, text) = http_get(port, "/metrics").await.unwrap();
-    let prefix = format!("{name}_bucket{{le=\"");
-    text.lines()
-        .filter_map(|l| l.strip_prefix(prefix.as_str()))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// Prometheus' `histogram_quantile`: linear within the bucket.
-fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
-    let total = buckets.last().map_or(0.0, |(_, c)| *c);
-    if total == 0.0 {
-        return f64::NAN;
-    }
-    let rank = q * total;
-    let mut lower = (0.0, 0.0);
-    for &(le, count) in buckets {
-        if count >= rank {
-            if le.is_infinite() {
-                return lower.0;
-            }
-            let width = count - lower.1;
-            return lower.0
-                + (le - lower.0)
-                    * if width > 0.0 {
-                        (rank - lower.1) / width
-                    } else {
-                        1.0
-                    };
-        }
-        lower = (le, count);
-    }
-    lower.0
+    histogram_buckets(&text, name)
 }
 
 // --------------------------------------------------------------------- the load

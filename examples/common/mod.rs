@@ -1,5 +1,5 @@
 //! What the benchmarks share: the repository, free ports, processes that are killed with
-//! their handle, the compatibility store, a process's resident memory.
+//! their handle, the compatibility store, a process's resident memory and CPU time.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -25,6 +25,17 @@ pub fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// CPU time a process has used, all its threads together, in nanoseconds.
+pub fn process_cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// A child process, killed when dropped.
@@ -57,4 +68,60 @@ pub fn start_store(port: u16, dir: &Path) -> Killed {
     .unwrap();
     assert!(line.contains("ready"), "{line}");
     Killed(child)
+}
+
+/// The cumulative buckets `(le, count)` of histogram `name` in a Prometheus text page.
+pub fn histogram_buckets(metrics: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The observations between two readings of a histogram's buckets.
+pub fn histogram_delta(before: &[(f64, f64)], after: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    after
+        .iter()
+        .map(|(le, count)| {
+            let earlier = before.iter().find(|(l, _)| l == le).map_or(0.0, |(_, c)| *c);
+            (*le, count - earlier)
+        })
+        .collect()
+}
+
+/// Prometheus' `histogram_quantile`: linear within the bucket.
+pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |(_, c)| *c);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return lower.0;
+            }
+            let width = count - lower.1;
+            return lower.0
+                + (le - lower.0)
+                    * if width > 0.0 {
+                        (rank - lower.1) / width
+                    } else {
+                        1.0
+                    };
+        }
+        lower = (le, count);
+    }
+    lower.0
 }

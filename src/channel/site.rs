@@ -269,7 +269,7 @@ impl SiteChannel {
                 history.forget_old(now_ms());
                 history.len()
             };
-            metrics::gauge!(metric::HISTORY_EVENTS).set(held as f64);
+            metrics::gauge!(metric::HISTORY_EVENTS, "tenant" => self.label).set(held as f64);
             let slow = observations.observe(self.slow_clients, now, &buffered);
             for sid in slow {
                 if let Some(socket) = sockets.get(&sid) {
@@ -485,6 +485,8 @@ impl SiteChannel {
             sockets
         };
         self.update_room_gauges();
+        // The site is going away: its history with it.
+        metrics::gauge!(metric::HISTORY_EVENTS, "tenant" => self.label).set(0.0);
         for socket in sockets {
             socket.close_connection();
         }
