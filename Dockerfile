@@ -37,7 +37,7 @@ RUN mkdir src \
 # node_modules, target/, .git, and .env files holding secrets); src/ include_str!s files
 # from config/ and static/, which therefore come along.
 COPY . .
-RUN cargo build --release --locked \
+RUN cargo build --release --locked --bin nsbridge \
     && install -m 0755 target/release/nsbridge /usr/local/bin/nsbridge
 
 

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::settings::{LogFormat, LogSettings};
 
-/// Metric names, in one place so that code and the README's reference agree.
+/// Metric names, in one place so that code and the reference in docs/metrics.md agree.
 pub mod metric {
     pub const BUILD_INFO: &str = "nsbridge_build_info";
     pub const WRITES_SKIPPED: &str = "nsbridge_writes_skipped_total";

@@ -1,5 +1,5 @@
 //! The docker-compose stack, validated by `docker-compose config` (no Docker engine runs
-//! on the test machines) and checked for the wiring the README describes.
+//! on the test machines) and checked for the wiring docs/deploy.md describes.
 
 use std::process::{Command, Output};
 
@@ -164,6 +164,10 @@ fn compose_refuses_to_start_without_api_secret() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("set API_SECRET"));
 }
 
+/// What `docker build` and `docker run ... nsbridge check-config` (docs/deploy.md) rely on,
+/// read from the Dockerfile, since no Docker engine runs here: a multi-stage build of the
+/// locked graph, an unprivileged user, the state volume, `nsbridge` as entry point and
+/// health check.
 #[test]
 fn dockerfile_runs_as_non_root_with_the_binary_as_health_check() {
     let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
@@ -286,5 +290,45 @@ fn the_replicas_profile_puts_nginx_in_front_of_two_bridges() {
     // Without the profile, neither is started.
     for service in [second, nginx] {
         assert_eq!(strings(&service["profiles"]), ["replicas"]);
+    }
+}
+
+/// docs/deploy.md's quick start: `cp .env.example .env`, set API_SECRET in it, then
+/// `docker-compose up -d` reads it.
+#[test]
+fn the_quick_start_env_file_with_its_secret_set_configures_the_stack() {
+    let repo = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(format!("{repo}/.env.example")).unwrap();
+    assert!(
+        example.lines().any(|l| l == "API_SECRET="),
+        "the example leaves API_SECRET to fill in"
+    );
+    let env_file = dir.path().join(".env");
+    std::fs::write(
+        &env_file,
+        example.replace("API_SECRET=\n", &format!("API_SECRET={SECRET}\n")),
+    )
+    .unwrap();
+    let output = Command::new("docker-compose")
+        .current_dir(repo)
+        .env_remove("API_SECRET")
+        .arg("--env-file")
+        .arg(&env_file)
+        .args(["-f", "docker-compose.yml", "config"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let config = &YamlLoader::load_from_str(&String::from_utf8_lossy(&output.stdout)).unwrap()[0];
+    for service in ["nightscout", "nsbridge"] {
+        assert_eq!(
+            text(&config["services"][service]["environment"]["API_SECRET"]),
+            SECRET,
+            "{service}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The live page at `GET /`, in headless Chromium (Debian's, driven by playwright-core
 //! through `tests/browser/live_page.js`): it subscribes with a token, and writes to the
-//! store appear in its table. The screenshot is kept in `target/test-artifacts/`.
+//! store appear in its table, its glucose chart and its event rates. The screenshot is kept
+//! in `target/test-artifacts/`.
 
 mod support;
 
@@ -129,6 +130,7 @@ async fn the_page_subscribes_and_shows_writes_as_they_happen() {
         .unwrap();
 
     let mut rows = Vec::new();
+    let mut overview = Value::Null;
     loop {
         let line = next().await;
         match line["type"].as_str() {
@@ -137,6 +139,7 @@ async fn the_page_subscribes_and_shows_writes_as_they_happen() {
                 line["colName"].as_str().unwrap().to_string(),
                 line["identifier"].as_str().unwrap().to_string(),
             )),
+            Some("overview") => overview = line,
             Some("done") => break,
             _ => panic!("page driver: {line}"),
         }
@@ -153,6 +156,14 @@ async fn the_page_subscribes_and_shows_writes_as_they_happen() {
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
         .collect();
     assert_eq!(rows, expected);
+    // The chart draws both entries' values; the rates count each subscribed collection.
+    assert_eq!(
+        overview,
+        json!({"type": "overview", "chartPoints": 2, "polyline": true, "rates": {
+            "entries": {"total": 2, "perMinute": 2},
+            "treatments": {"total": 3, "perMinute": 3},
+        }})
+    );
     assert!(driver.wait().await.unwrap().success());
 
     let png = std::fs::read(&screenshot).expect("screenshot kept");

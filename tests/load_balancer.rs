@@ -1,4 +1,4 @@
-//! The nginx example of the README and docker-compose.yml (`deploy/nginx/replicas.conf`),
+//! The nginx example of docs/scale-out.md and docker-compose.yml (`deploy/nginx/replicas.conf`),
 //! run for real in front of two bridge replicas: long-polling clients (kept on one
 //! replica), upgrading clients and WebSocket clients all get every event once, in order.
 

@@ -3,16 +3,20 @@
 //
 //   node live_page.js --url http://127.0.0.1:PORT/ --token TOKEN \
 //     --collections entries,treatments --screenshot PATH \
-//     [--until sentinel] [--timeout-ms 20000] [--viewport 1200x800] [--chromium /usr/bin/chromium]
+//     [--until sentinel] [--chart-points 0] [--timeout-ms 20000] [--viewport 1200x800]
+//     [--chromium /usr/bin/chromium]
 //
 // Opens the page, types the token, sets exactly the given collection check-boxes, clicks
 // Subscribe and waits for the page to show a successful ack. Then it waits for a table row
-// whose identifier is --until, takes a full-page screenshot and exits.
+// whose identifier is --until (with --until "": for any row) and for the glucose chart to
+// show at least --chart-points values, takes a full-page screenshot and exits.
 //
 // stdout carries JSON lines only, one object each:
 //   {"type":"subscribed","ack":{...}}            the ack object the page shows
 //   {"type":"row","seq":N,"event":..,"colName":..,"identifier":..}   each row, in arrival order
 //   {"type":"console","text":..}                 a console error (or uncaught error) of the page
+//   {"type":"overview","chartPoints":N,"rates":{"entries":{"total":N,"perMinute":N},..}}
+//                                                 the chart and the rates panel, before done
 //   {"type":"done"}                              then exit 0
 //   {"type":"error","message":..[,"ack":{...}]}  then exit 1 (a screenshot is still attempted)
 // --timeout-ms bounds the whole run after Chromium has started. The token never appears
@@ -30,11 +34,11 @@ function emit(obj) {
 function parseArgs(argv) {
   const opts = {
     url: null, token: null, collections: null, screenshot: null,
-    until: 'sentinel', timeoutMs: 20000, viewport: '1200x800', chromium: '/usr/bin/chromium',
+    until: 'sentinel', chartPoints: '0', timeoutMs: 20000, viewport: '1200x800', chromium: '/usr/bin/chromium',
   };
   const names = {
     '--url': 'url', '--token': 'token', '--collections': 'collections', '--screenshot': 'screenshot',
-    '--until': 'until', '--timeout-ms': 'timeoutMs', '--viewport': 'viewport', '--chromium': 'chromium',
+    '--until': 'until', '--chart-points': 'chartPoints', '--timeout-ms': 'timeoutMs', '--viewport': 'viewport', '--chromium': 'chromium',
   };
   for (let i = 0; i < argv.length; i += 1) {
     let arg = argv[i];
@@ -55,6 +59,8 @@ function parseArgs(argv) {
   }
   opts.timeoutMs = Number(opts.timeoutMs);
   if (!Number.isFinite(opts.timeoutMs) || opts.timeoutMs <= 0) { throw new Error('--timeout-ms must be a positive number'); }
+  opts.chartPoints = Number(opts.chartPoints);
+  if (!Number.isInteger(opts.chartPoints) || opts.chartPoints < 0) { throw new Error('--chart-points must be a whole number'); }
   opts.collections = opts.collections.split(',').map((s) => s.trim()).filter(Boolean);
   const vp = /^(\d+)x(\d+)$/.exec(opts.viewport);
   if (!vp) { throw new Error('--viewport must look like 1200x800'); }
@@ -130,7 +136,7 @@ async function main() {
     await page.exposeFunction('__nsbridgeRow', (row) => {
       const line = { type: 'row', seq: row.seq, event: row.event, colName: row.colName, identifier: row.identifier };
       if (subscribedOut) { emit(line); } else { held.push(line); }
-      if (row.identifier === opts.until) { sawUntil(); }
+      if (opts.until === '' || row.identifier === opts.until) { sawUntil(); }
     });
 
     await page.goto(opts.url, { waitUntil: 'domcontentloaded', timeout: left() });
@@ -202,6 +208,26 @@ async function main() {
     if (outcome !== 'seen') {
       throw new Error(`no row with identifier ${JSON.stringify(opts.until)} within ${opts.timeoutMs} ms`);
     }
+    try {
+      await page.waitForFunction((n) => {
+        const chart = document.getElementById('chart');
+        return chart && Number(chart.getAttribute('data-points')) >= n;
+      }, opts.chartPoints, { timeout: left(), polling: 100 });
+    } catch (err) {
+      throw new Error(`the chart did not show ${opts.chartPoints} values within ${opts.timeoutMs} ms`);
+    }
+    const overview = await page.evaluate(() => {
+      const chart = document.getElementById('chart');
+      const rates = {};
+      for (const tr of document.querySelectorAll('#rates-body tr[data-col]')) {
+        rates[tr.getAttribute('data-col')] = {
+          total: Number(tr.getAttribute('data-total')),
+          perMinute: Number(tr.getAttribute('data-per-minute')),
+        };
+      }
+      return { chartPoints: Number(chart.getAttribute('data-points')), polyline: !!chart.querySelector('polyline'), rates };
+    });
+    emit({ type: 'overview', ...overview });
 
     await page.screenshot({ path: opts.screenshot, fullPage: true, animations: 'disabled', timeout: 15000 });
     emit({ type: 'done' });
