@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use mongodb::bson::{Document, doc};
 use serde_json::{Value, json};
 use support::store::{TestStore, free_port, repo_path};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_nsbridge-demo");
@@ -25,6 +25,15 @@ struct Printed {
     all: String,
 }
 
+/// The next line `who` prints, within `seconds`.
+async fn next_line<R: AsyncBufRead + Unpin>(lines: &mut Lines<R>, who: &str, seconds: u64) -> String {
+    tokio::time::timeout(Duration::from_secs(seconds), lines.next_line())
+        .await
+        .unwrap_or_else(|_| panic!("{who} went quiet"))
+        .unwrap()
+        .unwrap_or_else(|| panic!("{who} ended early"))
+}
+
 async fn read_banner(lines: &mut Lines<BufReader<ChildStdout>>) -> Printed {
     let mut printed = Printed {
         url: String::new(),
@@ -33,11 +42,7 @@ async fn read_banner(lines: &mut Lines<BufReader<ChildStdout>>) -> Printed {
         all: String::new(),
     };
     loop {
-        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-            .await
-            .expect("the demo went quiet")
-            .unwrap()
-            .expect("the demo ended early");
+        let line = next_line(lines, "the demo", 60).await;
         printed.all.push_str(&line);
         printed.all.push('\n');
         let line = line.trim();
@@ -117,11 +122,7 @@ async fn the_demo_shows_events_and_the_chart_and_ctrl_c_stops_everything() {
     let mut rows = Vec::new();
     let mut overview = Value::Null;
     loop {
-        let line = tokio::time::timeout(Duration::from_secs(90), page.next_line())
-            .await
-            .expect("the page driver went quiet")
-            .unwrap()
-            .expect("the page driver ended early");
+        let line = next_line(&mut page, "the page driver", 90).await;
         let line: Value = serde_json::from_str(&line).unwrap();
         match line["type"].as_str() {
             Some("subscribed") => subscribed = line,
@@ -257,11 +258,7 @@ async fn with_mongodb_uri_the_demo_reads_unless_told_to_write_and_only_into_its_
         "{}",
         printed.all
     );
-    let written = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let written = next_line(&mut lines, "the demo", 10).await;
     assert!(written.starts_with("entries create "), "{written}");
     interrupt(&demo);
     assert!(demo.wait().await.unwrap().success());

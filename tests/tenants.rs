@@ -112,6 +112,16 @@ async fn metric(bridge: &TestBridge, name: &str, labels: &[(&str, &str)]) -> f64
     prometheus::value(&prometheus::parse(&text).unwrap(), name, labels)
 }
 
+/// Alice, Bob and Carol: three sites whose subjects share one id and one name.
+async fn three_tenants(store: &TestStore) -> (Tenant, Tenant, Tenant) {
+    let subject = ObjectId::new();
+    (
+        tenant(store, subject, "alice").await,
+        tenant(store, subject, "bob").await,
+        tenant(store, subject, "carol").await,
+    )
+}
+
 fn identifiers(prefix: &str, count: usize) -> Vec<String> {
     (0..count).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -119,12 +129,7 @@ fn identifiers(prefix: &str, count: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sites_on_one_bridge_each_get_only_their_own() {
     let store = TestStore::start().await;
-    let subject = ObjectId::new();
-    let (alice, bob, carol) = (
-        tenant(&store, subject, "alice").await,
-        tenant(&store, subject, "bob").await,
-        tenant(&store, subject, "carol").await,
-    );
+    let (alice, bob, carol) = three_tenants(&store).await;
     let sites = [&alice, &bob, &carol];
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tenants.toml");
@@ -210,12 +215,7 @@ async fn three_sites_on_one_bridge_each_get_only_their_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sites_are_added_and_removed_while_running() {
     let store = TestStore::start().await;
-    let subject = ObjectId::new();
-    let (alice, bob, carol) = (
-        tenant(&store, subject, "alice").await,
-        tenant(&store, subject, "bob").await,
-        tenant(&store, subject, "carol").await,
-    );
+    let (alice, bob, carol) = three_tenants(&store).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tenants.toml");
     std::fs::write(&file, tenants_file(&[&alice, &bob])).unwrap();
