@@ -34,6 +34,25 @@ async fn next_line<R: AsyncBufRead + Unpin>(lines: &mut Lines<R>, who: &str, sec
         .unwrap_or_else(|| panic!("{who} ended early"))
 }
 
+/// Runs the demo with `args` and `env` (`None`: the variable removed) until its banner.
+async fn start_demo(
+    args: &[&str],
+    env: &[(&str, Option<&str>)],
+) -> (Child, Lines<BufReader<ChildStdout>>, Printed) {
+    let mut command = Command::new(DEMO);
+    command.args(args).stdout(Stdio::piped()).kill_on_drop(true);
+    for (name, value) in env {
+        match value {
+            Some(value) => command.env(name, value),
+            None => command.env_remove(name),
+        };
+    }
+    let mut demo = command.spawn().unwrap();
+    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
+    let printed = read_banner(&mut lines).await;
+    (demo, lines, printed)
+}
+
 async fn read_banner(lines: &mut Lines<BufReader<ChildStdout>>) -> Printed {
     let mut printed = Printed {
         url: String::new(),
@@ -78,15 +97,8 @@ fn alive(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_shows_events_and_the_chart_and_ctrl_c_stops_everything() {
     let port = free_port();
-    let mut demo = Command::new(DEMO)
-        .args(["--port", &port.to_string()])
-        .env_remove("MONGODB_URI")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let printed = read_banner(&mut lines).await;
+    let (mut demo, _lines, printed) =
+        start_demo(&["--port", &port.to_string()], &[("MONGODB_URI", None)]).await;
     let shown_at = Instant::now();
     assert_eq!(
         printed.url,
@@ -181,16 +193,15 @@ async fn with_mongodb_uri_the_demo_reads_unless_told_to_write_and_only_into_its_
 
     // Without --write: the bridge on the site's database, nothing written.
     let port = free_port();
-    let mut demo = Command::new(DEMO)
-        .args(["--port", &port.to_string()])
-        .env("MONGODB_URI", store.uri(&site))
-        .env("API_SECRET", "the site's own secret")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let printed = read_banner(&mut lines).await;
+    let site_uri = store.uri(&site);
+    let (mut demo, _lines, printed) = start_demo(
+        &["--port", &port.to_string()],
+        &[
+            ("MONGODB_URI", Some(&site_uri)),
+            ("API_SECRET", Some("the site's own secret")),
+        ],
+    )
+    .await;
     assert!(printed.all.contains("writing: nothing"), "{}", printed.all);
     assert!(
         printed.token.starts_with("an access token of your site"),
@@ -216,7 +227,7 @@ async fn with_mongodb_uri_the_demo_reads_unless_told_to_write_and_only_into_its_
     // --write into a database that holds someone's data: refused.
     let output = Command::new(DEMO)
         .args(["--port", &free_port().to_string(), "--write", "--database", &site])
-        .env("MONGODB_URI", store.uri(&site))
+        .env("MONGODB_URI", &site_uri)
         .output()
         .await
         .unwrap();
@@ -236,8 +247,8 @@ async fn with_mongodb_uri_the_demo_reads_unless_told_to_write_and_only_into_its_
     // --write into an empty database: the demo's own, marked, and written to.
     let own = store.database("demo_own");
     let port = free_port();
-    let mut demo = Command::new(DEMO)
-        .args([
+    let (mut demo, mut lines, printed) = start_demo(
+        &[
             "--port",
             &port.to_string(),
             "--write",
@@ -245,14 +256,10 @@ async fn with_mongodb_uri_the_demo_reads_unless_told_to_write_and_only_into_its_
             &own,
             "--interval-secs",
             "1",
-        ])
-        .env("MONGODB_URI", store.uri(&site))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(demo.stdout.take().unwrap()).lines();
-    let printed = read_banner(&mut lines).await;
+        ],
+        &[("MONGODB_URI", Some(&site_uri))],
+    )
+    .await;
     assert!(
         printed.all.contains(&format!("writing: database {own} ")),
         "{}",

@@ -126,6 +126,13 @@ impl<K: Copy + Eq + Hash, S: Clone> Rooms<K, S> {
         })
     }
 
+    /// The socket `key`, if it is in a room.
+    pub fn member(&self, key: K) -> Option<&S> {
+        let grants = self.members.get(&key)?;
+        let room = grants.0.iter().position(Option::is_some)?;
+        self.rooms[room].get(&key)
+    }
+
     /// Sockets in at least one room.
     pub fn len(&self) -> usize {
         self.members.len()
@@ -173,6 +180,8 @@ mod tests {
         let mut everyone: Vec<(u32, &str)> = rooms.members().map(|(k, s)| (*k, *s)).collect();
         everyone.sort();
         assert_eq!(everyone, [(1, "s1"), (2, "s2")]);
+        assert_eq!(rooms.member(2), Some(&"s2"));
+        assert_eq!(rooms.member(3), None);
         let grants: Vec<(Collection, String)> = rooms
             .grants_of(1)
             .into_iter()
@@ -195,6 +204,7 @@ mod tests {
         rooms.join(1, &"s1", A, &[Entries, Profile, Treatments]);
         assert!(rooms.remove(1));
         assert!(!rooms.remove(1));
+        assert_eq!(rooms.member(1), None, "removed");
         assert_eq!(members(&rooms, Entries), [2]);
         assert_eq!(rooms.room_len(Treatments), 0);
         assert_eq!(rooms.len(), 1);

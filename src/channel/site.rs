@@ -2,7 +2,6 @@
 //! sent, replays and recoveries, slow clients, and the fan-out of its events. A bridge
 //! of many sites has one of these per site; a single site is one of them.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -255,12 +254,12 @@ impl SiteChannel {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let (buffered, sockets): (Vec<(Sid, usize)>, HashMap<Sid, SocketRef>) = {
+            let buffered: Vec<(Sid, usize)> = {
                 let rooms = self.rooms.read().unwrap();
                 rooms
                     .members()
-                    .map(|(sid, s)| ((*sid, s.socket.buffered()), (*sid, s.socket.clone())))
-                    .unzip()
+                    .map(|(sid, s)| (*sid, s.socket.buffered()))
+                    .collect()
             };
             let now = Instant::now();
             self.recoverable.lock().unwrap().forget_expired(now);
@@ -271,10 +270,18 @@ impl SiteChannel {
             };
             metrics::gauge!(metric::HISTORY_EVENTS, "tenant" => self.label).set(held as f64);
             let slow = observations.observe(self.slow_clients, now, &buffered);
-            for sid in slow {
-                if let Some(socket) = sockets.get(&sid) {
-                    self.disconnect_slow(socket, "it stayed behind while others kept up");
-                }
+            if slow.is_empty() {
+                continue;
+            }
+            // Looked up only when someone is slow: this runs every second for every site.
+            let sockets: Vec<SocketRef> = {
+                let rooms = self.rooms.read().unwrap();
+                slow.iter()
+                    .filter_map(|sid| rooms.member(*sid).map(|s| s.socket.clone()))
+                    .collect()
+            };
+            for socket in sockets {
+                self.disconnect_slow(&socket, "it stayed behind while others kept up");
             }
         }
     }
