@@ -158,10 +158,12 @@ async fn supervise(
     // The oldest position of any site's history: each site skips what is not its own.
     let oldest = start
         .values()
-        .filter_map(|t| bson::to_bson(t).ok())
-        .filter(|t| crate::history::position(t).is_some())
-        .min_by(|a, b| crate::history::position(a).cmp(&crate::history::position(b)))
-        .and_then(|t| bson::from_bson::<ResumeToken>(t).ok());
+        .filter_map(|token| {
+            let position = crate::history::position(&bson::to_bson(token).ok()?)?.to_string();
+            Some((position, token))
+        })
+        .min_by(|a, b| a.0.cmp(&b.0))
+        .map(|(_, token)| token.clone());
     if let Some(token) = oldest {
         feed = feed.resuming_after(token);
     }
@@ -201,20 +203,20 @@ async fn per_database(
             kept
         });
         for (database, route) in current.iter() {
-            let only: Routes = Arc::new(HashMap::from([(database.clone(), route.clone())]));
+            let only = || -> Routes { Arc::new(HashMap::from([(database.clone(), route.clone())])) };
             if let Some(stream) = streams.get(database) {
                 stream.routes.send_if_modified(|r| {
                     let changed = r
                         .get(database)
                         .is_none_or(|old| !Arc::ptr_eq(&old.tenant, &route.tenant));
                     if changed {
-                        *r = only.clone();
+                        *r = only();
                     }
                     changed
                 });
                 continue;
             }
-            let (sender, receiver) = watch::channel(only);
+            let (sender, receiver) = watch::channel(only());
             let stop = shutdown.child_token();
             let mut feed = Feed::new(
                 client.clone(),
