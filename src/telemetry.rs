@@ -133,7 +133,7 @@ pub fn init_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::B
     describe_histogram!(
         FANOUT_DURATION,
         Unit::Seconds,
-        "Time from a change event reaching the bridge to its queueing to the last socket of its room."
+        "Time from a change event reaching the bridge to its queueing to the last socket of its room, writers woken."
     );
     describe_gauge!(
         SOCKETS_CONNECTED,

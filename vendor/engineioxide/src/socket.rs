@@ -442,6 +442,41 @@ where
         })
     }
 
+    /// Emits a message like [`Socket::emit`], but leaves waking the session's writer to
+    /// the caller: its waker, if it waits, is added to `wakers`.
+    ///
+    /// For a server that sends one message to many sockets: woken as it goes, the
+    /// writers would start running (and take the CPU) while it is still queueing the
+    /// message to the others. Wake them all once it is queued everywhere.
+    pub fn emit_waking_later(
+        &self,
+        msg: impl Into<Str>,
+        wakers: &mut Vec<std::task::Waker>,
+    ) -> Result<(), TrySendError<Str>> {
+        self.internal_tx
+            .try_send_waking_later(smallvec![Packet::Message(msg.into())], wakers)
+            .map_err(|e| match e {
+                TrySendError::Full(mut p) => TrySendError::Full(p.pop().unwrap().into_message()),
+                TrySendError::Closed(mut p) => TrySendError::Closed(p.pop().unwrap().into_message()),
+            })
+    }
+
+    /// Asks the CPU to bring the part of this socket that leads to its buffer into its
+    /// cache; then, once it has arrived, [`Socket::prefetch_buffer`] brings the buffer.
+    ///
+    /// Hints for a server that emits to many sockets in a row, given a few sockets ahead,
+    /// so that it does not wait on memory for each socket in turn.
+    #[inline]
+    pub fn prefetch_sender(&self) {
+        self.internal_tx.prefetch_sender();
+    }
+
+    /// See [`Socket::prefetch_sender`].
+    #[inline]
+    pub fn prefetch_buffer(&self) {
+        self.internal_tx.prefetch_queue();
+    }
+
     /// Immediately closes the socket and the underlying connection.
     /// The socket will be removed from the `Engine` and the [`Handler`](crate::handler::EngineIoHandler) will be notified.
     #[cfg_attr(feature = "tracing", tracing::instrument(skip(self)))]
