@@ -30,7 +30,9 @@ use mongodb::Client;
 use mongodb::bson::{Document, doc, oid::ObjectId};
 
 mod common;
-use common::{bucket_quantile, histogram_buckets, histogram_delta, process_cpu_ns};
+use common::{
+    Killed, bucket_quantile, free_port, histogram_buckets, histogram_delta, process_cpu_ns, repo, start_store,
+};
 
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]
@@ -148,27 +150,16 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn now_us() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_micros() as u64
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 // ------------------------------------------------------------------------- the store
 
 struct Store {
     uri_base: String,
-    child: Option<Child>,
+    /// Killed before its data directory goes.
+    _store: Option<Killed>,
     _dir: tempfile::TempDir,
 }
 
@@ -185,46 +176,16 @@ impl Store {
                 .map_or(base.len(), |i| scheme_end + i);
             return Store {
                 uri_base: format!("{}/{DATABASE}?{query}", &base[..authority_end]),
-                child: None,
+                _store: None,
                 _dir: dir,
             };
         }
-        let python = repo().join("target/test-store/venv/bin/python");
-        assert!(
-            python.is_file(),
-            "no store: run scripts/bench (it installs the compatibility store)"
-        );
         let port = free_port();
-        let mut child = Command::new(python)
-            .arg(repo().join("tests/support/store/nx_launcher.py"))
-            .args(["--host", "127.0.0.1", "-p", &port.to_string(), "--data-dir"])
-            .arg(dir.path())
-            .arg("--pid-file")
-            .arg(dir.path().join("pid"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert!(line.contains("ready"), "store did not start: {line}");
+        let store = start_store(port, dir.path());
         Store {
             uri_base: format!("mongodb://127.0.0.1:{port}/{DATABASE}?directConnection=true"),
-            child: Some(child),
+            _store: Some(store),
             _dir: dir,
-        }
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
         }
     }
 }

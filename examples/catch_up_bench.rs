@@ -15,7 +15,6 @@
 //!    history full, less before the writes, is reported too.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -26,7 +25,7 @@ use nsbridge::history::{History, HistoryLimits};
 use nsbridge::mapping::{BridgeEvent, EventBody, EventKind};
 
 mod common;
-use common::{Killed, free_port, repo, rss_kib, start_store};
+use common::{Killed, bridge_command, free_port, repo, rss_kib, start_store};
 
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]
@@ -129,14 +128,9 @@ struct Bridge(Killed, u16);
 
 async fn start_bridge(uri: &str) -> Bridge {
     let port = free_port();
-    let child = Command::new(repo().join("target/release/nsbridge"))
-        .env_clear()
+    let child = bridge_command(port)
         .env("MONGODB_URI", uri)
         .env("API_SECRET", API_SECRET)
-        .env("NSBRIDGE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("NSBRIDGE_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
         .spawn()
         .expect("nsbridge");
     let bridge = Bridge(Killed(child), port);

@@ -15,7 +15,7 @@
 //!    treatments), without and with that compression.
 
 use std::io::Write as _;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,7 +24,7 @@ use futures::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 mod common;
-use common::{Killed, free_port, repo, rss_kib, start_store};
+use common::{Killed, bridge_command, free_port, repo, rss_kib, spawn_until_ready, start_store};
 
 #[path = "../tests/support/http.rs"]
 #[allow(dead_code)]
@@ -40,38 +40,25 @@ fn now_us() -> u64 {
 
 /// The Nightscout stand-in, on `port`.
 fn start_upstream(port: u16) -> Killed {
-    let mut child = Command::new("node")
+    let mut command = Command::new("node");
+    command
         .arg("upstream.js")
         .current_dir(repo().join("tests/compat"))
-        .env("PORT", port.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("node");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert!(line.contains("listening"), "{line}");
-    Killed(child)
+        .env("PORT", port.to_string());
+    spawn_until_ready(command, "listening")
 }
 
 /// The bridge in front of the stand-in. It needs a MongoDB: the compatibility store.
 fn start_bridge(port: u16, upstream_port: u16, store_port: u16) -> Killed {
     Killed(
-        Command::new(repo().join("target/release/nsbridge"))
+        bridge_command(port)
             .env(
                 "MONGODB_URI",
                 format!("mongodb://127.0.0.1:{store_port}/relaybench?directConnection=true"),
             )
             .env("API_SECRET", "benchmark secret phrase")
-            .env("NSBRIDGE_LISTEN", format!("127.0.0.1:{port}"))
+            // What this benchmark measures: the bridge in front of Nightscout.
             .env("NSBRIDGE_UPSTREAM", format!("http://127.0.0.1:{upstream_port}"))
-            .env("NSBRIDGE_LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
             .spawn()
             .expect("nsbridge"),
     )

@@ -22,7 +22,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,8 @@ use tokio::sync::mpsc;
 
 mod common;
 use common::{
-    Killed, bucket_quantile, free_port, histogram_buckets, histogram_delta, process_cpu_ns, repo, rss_kib,
-    start_store,
+    Killed, bridge_command, bucket_quantile, free_port, histogram_buckets, histogram_delta, process_cpu_ns,
+    repo, rss_kib, start_store,
 };
 
 #[path = "../tests/support/http.rs"]
@@ -155,13 +155,10 @@ impl Bridge {
 async fn start_bridge(store_uri: &str, tenants_file: &Path) -> (Bridge, Duration) {
     let port = free_port();
     let started = Instant::now();
-    let child = Command::new(repo().join("target/release/nsbridge"))
-        .env_clear()
+    let child = bridge_command(port)
         .env("MONGODB_URI", store_uri)
+        // What this benchmark measures: many sites on one bridge.
         .env("NSBRIDGE_TENANTS", tenants_file)
-        .env("NSBRIDGE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("NSBRIDGE_LOG__LEVEL", "warn")
-        .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("nsbridge");

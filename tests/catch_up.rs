@@ -67,15 +67,20 @@ impl Writer {
             .push(("create".into(), json!({"colName": collection, "doc": json})));
     }
 
-    async fn patch(&mut self, collection: &str, identifier: &str, notes: &str) {
+    /// An APIv3-shaped `$set` of `fields` with a new `srvModified`; returns that time.
+    async fn set(&mut self, collection: &str, identifier: &str, mut fields: Document) -> i64 {
         let t = self.stamp();
+        fields.insert("srvModified", t);
+        fields.insert("modifiedBy", "apiAll");
         self.collection(collection)
-            .update_one(
-                doc! { "identifier": identifier },
-                doc! { "$set": { "notes": notes, "srvModified": t, "modifiedBy": "apiAll" } },
-            )
+            .update_one(doc! { "identifier": identifier }, doc! { "$set": fields })
             .await
             .unwrap();
+        t
+    }
+
+    async fn patch(&mut self, collection: &str, identifier: &str, notes: &str) {
+        let t = self.set(collection, identifier, doc! { "notes": notes }).await;
         let json = self.docs.get_mut(identifier).unwrap();
         json["notes"] = json!(notes);
         json["srvModified"] = json!(t);
@@ -86,19 +91,8 @@ impl Writer {
     }
 
     async fn soft_delete(&mut self, collection: &str, identifier: &str) {
-        let t = self.stamp();
-        self.collection(collection)
-            .update_one(
-                doc! { "identifier": identifier },
-                doc! { "$set": { "isValid": false, "srvModified": t, "modifiedBy": "apiAll" } },
-            )
-            .await
-            .unwrap();
-        self.docs.remove(identifier);
-        self.events.push((
-            "delete".into(),
-            json!({"colName": collection, "identifier": identifier}),
-        ));
+        self.set(collection, identifier, doc! { "isValid": false }).await;
+        self.deleted(collection, identifier);
     }
 
     async fn remove(&mut self, collection: &str, identifier: &str) {
@@ -108,6 +102,10 @@ impl Writer {
             .delete_one(doc! { "identifier": identifier })
             .await
             .unwrap();
+        self.deleted(collection, identifier);
+    }
+
+    fn deleted(&mut self, collection: &str, identifier: &str) {
         self.docs.remove(identifier);
         self.events.push((
             "delete".into(),

@@ -13,6 +13,17 @@ fn nsbridge(args: &[&str], env: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
+/// The standard output of a run that must have succeeded (its errors shown if not).
+fn stdout_of_success(out: Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn good_env() -> Vec<(&'static str, &'static str)> {
     vec![
         (
@@ -26,13 +37,7 @@ fn good_env() -> Vec<(&'static str, &'static str)> {
 #[test]
 fn check_config_prints_effective_settings_with_secrets_redacted() {
     let out = nsbridge(&["check-config"], &good_env());
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = stdout_of_success(out);
     assert!(!text.contains("hunter2-password"), "{text}");
     assert!(!text.contains(SECRET), "{text}");
     for line in [
@@ -101,13 +106,7 @@ fn config_file_from_flag_or_env() {
     let path = file.to_str().unwrap();
     let env = [("API_SECRET", SECRET)];
     let out = nsbridge(&["--config", path, "check-config"], &env);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = stdout_of_success(out);
     assert!(
         text.contains("relay = \"all\"") && text.contains("database = \"filedb\""),
         "{text}"
@@ -141,13 +140,7 @@ fn a_tenants_file_is_checked_and_its_problems_name_the_tenant() {
     let alice = "[[tenant]]\nname = \"alice\"\nhosts = [\"alice.example.org\"]\ndatabase = \"ns_alice\"\napi_secret_env = \"ALICE_SECRET\"\n";
     std::fs::write(&file, alice).unwrap();
     let out = nsbridge(&["check-config"], &env);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = stdout_of_success(out);
     assert!(
         text.contains("# alice: database ns_alice, hosts alice.example.org"),
         "{text}"

@@ -225,13 +225,7 @@ async fn apiv3_writes_arrive_as_exactly_the_expected_events() {
         websocket_only: true,
     };
     puppet.connect("food-only", other, &url).await;
-    let ack = puppet
-        .subscribe(
-            "food-only",
-            json!({"accessToken": s.reader.token, "collections": ["food"]}),
-        )
-        .await;
-    assert_eq!(ack, vec![json!({"success": true, "collections": ["food"]})]);
+    puppet.subscribe_ok("food-only", &s.reader.token, &["food"]).await;
     puppet.connect("refused", other, &url).await;
     let ack = puppet
         .subscribe("refused", json!({"accessToken": "nobody-0000000000000000"}))
@@ -588,13 +582,7 @@ async fn failed_subscribes_are_slowed_down_but_never_a_valid_one() {
     }
     let burst_sent = Instant::now();
     // The valid client, from the same address, is answered before the failures are.
-    let ack = puppet
-        .subscribe(
-            "victim",
-            json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-        )
-        .await;
-    assert_eq!(ack, vec![json!({"success": true, "collections": ["entries"]})]);
+    puppet.subscribe_ok("victim", &s.reader.token, &["entries"]).await;
     let failures_answered_before = puppet.drain(Duration::ZERO).await;
     let early: Vec<&Value> = failures_answered_before
         .iter()
@@ -653,17 +641,7 @@ async fn socket_io_2_namespace_query_over_both_transports() {
             )
             .await;
         puppet.expect_connected(&id, "/storage").await;
-        let ack = puppet
-            .subscribe(
-                &id,
-                json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-            )
-            .await;
-        assert_eq!(
-            ack,
-            vec![json!({"success": true, "collections": ["entries"]})],
-            "{id}"
-        );
+        puppet.subscribe_ok(&id, &s.reader.token, &["entries"]).await;
     }
     write_entry(&s.db, "sentinel", 0).await;
     for (i, kind) in kinds.into_iter().enumerate() {

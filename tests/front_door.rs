@@ -54,17 +54,7 @@ async fn an_androidaps_shaped_session_gets_storage_from_the_bridge_and_alarms_fr
             .await;
         puppet.expect_connected(&id, "/storage").await;
         puppet.expect_connected(&id, "/alarm").await;
-        let ack = puppet
-            .subscribe(
-                &id,
-                json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-            )
-            .await;
-        assert_eq!(
-            ack,
-            vec![json!({"success": true, "collections": ["entries"]})],
-            "{id}"
-        );
+        puppet.subscribe_ok(&id, &s.reader.token, &["entries"]).await;
         let ack = puppet
             .emit_with_ack_in(
                 &id,
@@ -402,13 +392,7 @@ async fn when_nightscout_goes_away_storage_stays_and_relayed_namespaces_come_bac
         assert_eq!(gone["reason"], "transport close", "{gone}");
     }
     puppet.expect_connected(id, "/storage").await;
-    let ack = puppet
-        .subscribe(
-            id,
-            json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-        )
-        .await;
-    assert_eq!(ack, vec![json!({"success": true, "collections": ["entries"]})]);
+    puppet.subscribe_ok(id, &s.reader.token, &["entries"]).await;
     write_entries(&s.db, &["during", "sentinel"]).await;
     assert_eq!(
         identifiers(&puppet.events_until(id, is_sentinel).await),

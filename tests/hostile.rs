@@ -116,13 +116,7 @@ async fn spin_bodies_are_refused_and_the_bridge_keeps_serving() {
     // Subscribers are served as before.
     let mut puppet = Puppet::start().await;
     puppet.connect("after", MATRIX[0], &s.bridge.url()).await;
-    let ack = puppet
-        .subscribe(
-            "after",
-            json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-        )
-        .await;
-    assert_eq!(ack, vec![json!({"success": true, "collections": ["entries"]})]);
+    puppet.subscribe_ok("after", &s.reader.token, &["entries"]).await;
     write_entries(&s.db, &["e1", "sentinel"]).await;
     assert_eq!(
         identifiers(&puppet.events_until("after", is_sentinel).await),
@@ -179,17 +173,7 @@ async fn silent_half_sent_idle_and_trickling_connections_are_closed_in_time() {
     puppet.expect_connected("poller", "/storage").await;
     puppet.connect("ws", MATRIX[3], &s.bridge.url()).await;
     for id in ["poller", "ws"] {
-        let ack = puppet
-            .subscribe(
-                id,
-                json!({"accessToken": s.reader.token, "collections": ["entries"]}),
-            )
-            .await;
-        assert_eq!(
-            ack,
-            vec![json!({"success": true, "collections": ["entries"]})],
-            "{id}"
-        );
+        puppet.subscribe_ok(id, &s.reader.token, &["entries"]).await;
     }
     let sessions: Vec<String> = {
         let mut sessions = Vec::new();
@@ -339,17 +323,7 @@ async fn a_new_client_subscribes_while_1100_idle_connections_are_held_under_1024
     let mut puppet = Puppet::start().await;
     for (id, kind) in [("polling-v4", MATRIX[2]), ("ws-v2", MATRIX[1])] {
         puppet.connect(id, kind, &bridge.url()).await;
-        let ack = puppet
-            .subscribe(
-                id,
-                json!({"accessToken": reader.token, "collections": ["entries"]}),
-            )
-            .await;
-        assert_eq!(
-            ack,
-            vec![json!({"success": true, "collections": ["entries"]})],
-            "{id}"
-        );
+        puppet.subscribe_ok(id, &reader.token, &["entries"]).await;
     }
     puppet.wait_for_websocket("polling-v4").await;
     write_entries(&db, &["e1", "sentinel"]).await;

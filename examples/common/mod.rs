@@ -48,26 +48,57 @@ impl Drop for Killed {
     }
 }
 
-/// The compatibility store of the tests, on `port`, its data in `dir`.
-pub fn start_store(port: u16, dir: &Path) -> Killed {
-    let mut child = Command::new(repo().join("target/test-store/venv/bin/python"))
-        .arg(repo().join("tests/support/store/nx_launcher.py"))
-        .args(["--host", "127.0.0.1", "-p", &port.to_string(), "--data-dir"])
-        .arg(dir)
-        .arg("--pid-file")
-        .arg(dir.join("pid"))
+/// The release bridge, to listen on 127.0.0.1:`port`, with the default settings, as users
+/// get them: besides where it listens and how much it logs, a benchmark sets only what it
+/// is about (and the environment every deployment has: `MONGODB_URI`, `API_SECRET`).
+pub fn bridge_command(port: u16) -> Command {
+    let mut command = Command::new(repo().join("target/release/nsbridge"));
+    command
+        .env_clear()
+        .env("NSBRIDGE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("NSBRIDGE_LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// Starts `command` with its standard output piped, and waits for its first line, which
+/// must contain `ready_word`.
+pub fn spawn_until_ready(mut command: Command, ready_word: &str) -> Killed {
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("the compatibility store (run scripts/bench)");
+        .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.get_program()));
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.take().unwrap()),
         &mut line,
     )
     .unwrap();
-    assert!(line.contains("ready"), "{line}");
+    assert!(
+        line.contains(ready_word),
+        "{:?} did not start: {line}",
+        command.get_program()
+    );
     Killed(child)
+}
+
+/// The compatibility store of the tests, on `port`, its data in `dir`.
+pub fn start_store(port: u16, dir: &Path) -> Killed {
+    let python = repo().join("target/test-store/venv/bin/python");
+    assert!(
+        python.is_file(),
+        "no store: run scripts/bench (it installs the compatibility store)"
+    );
+    let mut command = Command::new(python);
+    command
+        .arg(repo().join("tests/support/store/nx_launcher.py"))
+        .args(["--host", "127.0.0.1", "-p", &port.to_string(), "--data-dir"])
+        .arg(dir)
+        .arg("--pid-file")
+        .arg(dir.join("pid"));
+    spawn_until_ready(command, "ready")
 }
 
 /// The cumulative buckets `(le, count)` of histogram `name` in a Prometheus text page.

@@ -184,6 +184,19 @@ impl Puppet {
         self.emit_with_ack(id, "subscribe", json!([payload])).await
     }
 
+    /// Subscribes `id` to `collections` with `token`; the ack must be exactly a success
+    /// that names them, in that order.
+    pub async fn subscribe_ok(&mut self, id: &str, token: &str, collections: &[&str]) {
+        let ack = self
+            .subscribe(id, json!({"accessToken": token, "collections": collections}))
+            .await;
+        assert_eq!(
+            ack,
+            vec![json!({"success": true, "collections": collections})],
+            "{id}"
+        );
+    }
+
     pub async fn emit_with_ack(&mut self, id: &str, event: &str, args: Value) -> Vec<Value> {
         self.emit_with_ack_in(id, "/storage", event, args).await
     }

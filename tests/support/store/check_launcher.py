@@ -448,6 +448,38 @@ def run_idle(launcher, client, db_name):
     stream2.close()
 
 
+def change_latencies(uri, watch, targets, count, before_writes=lambda: None):
+    """Insert -> change event latencies, sorted: a consumer blocked in getMore on
+    `watch()` (as the bridge is) while another client inserts `count` documents
+    stamped with their send time, round-robin into the collections `targets`.
+    Also returns what `before_writes()` gave right before the first insert."""
+    lat: list[float] = []
+    started = threading.Event()
+
+    def consume():
+        s = watch()
+        started.set()
+        while len(lat) < count:
+            ev = s.try_next()
+            if ev is not None and "sent" in ev["fullDocument"]:
+                lat.append(time.perf_counter() - ev["fullDocument"]["sent"])
+        s.close()
+
+    th = threading.Thread(target=consume)
+    th.start()
+    started.wait()
+    time.sleep(0.2)
+    writer = MongoClient(uri)
+    mark = before_writes()
+    for i in range(count):
+        t = targets[i % len(targets)]
+        writer[t.database.name][t.name].insert_one({"sent": time.perf_counter()})
+        time.sleep(0.005)
+    th.join(30)
+    writer.close()
+    return sorted(lat), mark
+
+
 def measure(uri, client, db_name, quick):
     section("figures")
     col = client[db_name].perf
@@ -458,34 +490,9 @@ def measure(uri, client, db_name, quick):
     rate = n / (time.monotonic() - t0)
     print(f"  insert_one from pymongo: {rate:.0f} inserts/s")
 
-    # latency: a consumer blocked in getMore (as the bridge is) while another
-    # client inserts documents stamped with their send time
-    lat: list[float] = []
     count = 100 if quick else 300
-    started = threading.Event()
-
-    def consume_latency():
-        s = col.watch(max_await_time_ms=1000)
-        started.set()
-        while len(lat) < count:
-            ev = s.try_next()
-            if ev is not None and "sent" in ev["fullDocument"]:
-                lat.append(time.perf_counter() - ev["fullDocument"]["sent"])
-        s.close()
-
-    th = threading.Thread(target=consume_latency)
-    th.start()
-    started.wait()
-    time.sleep(0.2)
-    writer = MongoClient(uri)
-    wcol = writer[db_name].perf
-    for _ in range(count):
-        wcol.insert_one({"sent": time.perf_counter()})
-        time.sleep(0.005)
-    th.join(30)
-    writer.close()
+    lat, _ = change_latencies(uri, lambda: col.watch(max_await_time_ms=1000), [col], count)
     check(len(lat) == count, "latency run: every event delivered", len(lat))
-    lat.sort()
     print(f"  insert -> event latency (consumer waiting in getMore): "
           f"p50 {1000 * lat[len(lat) // 2]:.2f} ms, p95 {1000 * lat[int(len(lat) * 0.95)]:.2f} ms")
 
@@ -561,34 +568,13 @@ def measure_cluster(launcher, uri, client, quick):
     for label, targets in (("one database", [col] * 2),
                            ("round-robin over the idle databases",
                             [client[name].c for name in names])):
-        lat: list[float] = []
         count = 100 if quick else 300
-        started = threading.Event()
-
-        def consume_latency():
-            s = client.watch(bridge_filter(names + ["cperf"]), max_await_time_ms=1000)
-            started.set()
-            while len(lat) < count:
-                ev = s.try_next()
-                if ev is not None and "sent" in ev["fullDocument"]:
-                    lat.append(time.perf_counter() - ev["fullDocument"]["sent"])
-            s.close()
-
-        th = threading.Thread(target=consume_latency)
-        th.start()
-        started.wait()
-        time.sleep(0.2)
-        writer = MongoClient(uri)
-        cpu0 = launcher.cpu_seconds()
-        for i in range(count):
-            t = targets[i % len(targets)]
-            writer[t.database.name][t.name].insert_one({"sent": time.perf_counter()})
-            time.sleep(0.005)
-        th.join(30)
-        writer.close()
+        lat, cpu0 = change_latencies(
+            uri,
+            lambda: client.watch(bridge_filter(names + ["cperf"]), max_await_time_ms=1000),
+            targets, count, before_writes=launcher.cpu_seconds)
         check(len(lat) == count, f"{n} databases, writes to {label}: every event delivered",
               len(lat))
-        lat.sort()
         print(f"  insert -> event latency, cluster stream, {n} databases, writes to {label}: "
               f"p50 {1000 * lat[len(lat) // 2]:.2f} ms, "
               f"p95 {1000 * lat[int(len(lat) * 0.95)]:.2f} ms; server CPU "

@@ -482,13 +482,18 @@ def make_token(epoch: int, seq: int, invalidate: bool = False) -> dict:
     return {"_data": f"{epoch:08X}{seq:016X}" + ("I" if invalidate else "")}
 
 
-def parse_token(token):
-    """Return (epoch, seq) or None when the token is not one of ours."""
+def _token_match(token, pattern: str):
+    """The match of a token's `_data` (or of a bare string) against `pattern`, or None."""
     if isinstance(token, dict):
         token = token.get("_data")
     if not isinstance(token, str):
         return None
-    m = re.fullmatch(r"([0-9A-F]{8})([0-9A-F]{16})I?", token)
+    return re.fullmatch(pattern, token)
+
+
+def parse_token(token):
+    """Return (epoch, seq) or None when the token is not one of ours."""
+    m = _token_match(token, r"([0-9A-F]{8})([0-9A-F]{16})I?")
     if not m:
         return None
     return int(m.group(1), 16), int(m.group(2), 16)
@@ -502,11 +507,7 @@ def make_cluster_token(epoch: int, gseq: int) -> dict:
 
 def parse_cluster_token(token):
     """Return (epoch, gseq) or None when the token is not a cluster token."""
-    if isinstance(token, dict):
-        token = token.get("_data")
-    if not isinstance(token, str):
-        return None
-    m = re.fullmatch(r"C([0-9A-F]{16})([0-9A-F]{8})", token)
+    m = _token_match(token, r"C([0-9A-F]{16})([0-9A-F]{8})")
     if not m:
         return None
     return int(m.group(2), 16), int(m.group(1), 16)
